@@ -1,0 +1,61 @@
+"""``badnets``: BadNets (Gu et al., 2017). A small fixed patch stamped on the image; poisoned training
+samples are relabelled to the target.
+
+Defaults follow BackdoorBench: a 3×3 white square in the bottom-right corner, target 0, 10% poisoned.
+The I-BAU/AWM evaluations use a 4×4 patch at rows/cols 27..30 with target 8:
+``{patch_size: 4, position: [27, 27], target: 8}``.
+"""
+from __future__ import annotations
+
+from typing import Literal, Union
+
+import torch
+from pydantic import Field, ValidationInfo, model_validator
+
+from attacks import ATTACKS
+from attacks.base import Attack, PoisonParams, corner
+
+Corner = Literal["bottom_right", "bottom_left", "top_right", "top_left"]
+
+
+class BadNetsParams(PoisonParams):
+    patch_size: int = Field(3, ge=1, description="side of the square patch, in pixels")
+    position: Union[Corner, tuple[int, int]] = Field("bottom_right", description="a corner, or [row, col] of its top-left pixel")
+    pattern: Literal["white", "black", "checkerboard", "random"] = Field(
+        "white", description="patch content; 'random' is a fixed binary pattern drawn from pattern_seed")
+    pattern_seed: int = 0
+
+    @model_validator(mode="after")
+    def _patch_fits(self, info: ValidationInfo):
+        shape = (info.context or {}).get("shape")
+        if shape is not None:
+            corner(self.position, self.patch_size, shape[1], shape[2])  # raises if it does not fit
+        return self
+
+
+@ATTACKS.register("badnets")
+class BadNets(Attack):
+    name = "badnets"
+    Params = BadNetsParams
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        p, (c, h, w) = self.params, self.info.shape
+        self.row, self.col = corner(p.position, p.patch_size, h, w)
+        s = p.patch_size
+        if p.pattern == "white":
+            patch = torch.ones(c, s, s)
+        elif p.pattern == "black":
+            patch = torch.zeros(c, s, s)
+        elif p.pattern == "checkerboard":
+            patch = ((torch.arange(s)[:, None] + torch.arange(s)) % 2 == 0).float().expand(c, s, s)
+        else:
+            g = torch.Generator().manual_seed(p.pattern_seed)
+            patch = (torch.rand(1, s, s, generator=g) > 0.5).float().expand(c, s, s)
+        self.patch = patch
+
+    def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        s = self.params.patch_size
+        x[:, :, self.row:self.row + s, self.col:self.col + s] = self.patch.to(x)
+        return x

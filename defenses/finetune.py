@@ -1,0 +1,35 @@
+"""``finetune``: fine-tune the backdoored model on the defender's clean set (the simplest baseline of
+every backdoor-defense paper). Uses the kernel's training loop with its augmentation.
+
+Defaults: 20 epochs, SGD lr 0.01 (cosine), batch 128, weight decay 5e-4 — BackdoorBench's fine-tuning
+settings with fewer epochs, as the clean sets here are small.
+"""
+from pydantic import Field
+
+from defenses import DEFENSES
+from defenses.base import CleanSetParams, Defense
+from kernel.train import TrainConfig, fit
+
+
+class FinetuneParams(CleanSetParams):
+    epochs: int = Field(20, ge=1)
+    lr: float = Field(0.01, gt=0)
+    batch_size: int = Field(128, ge=1)
+    weight_decay: float = Field(5e-4, ge=0)
+
+
+@DEFENSES.register("finetune")
+class Finetune(Defense):
+    name = "finetune"
+    Params = FinetuneParams
+
+    def apply(self, model, ctx):
+        p = self.params
+        cfg = TrainConfig(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
+                          schedule="cosine")
+
+        def on_epoch(epoch, record):
+            ctx.log(epoch, finetune_loss=record["loss"], **(ctx.evaluate(model) if ctx.evaluate else {}))
+
+        fit(model, ctx.clean.x, ctx.clean.y, cfg, seed=ctx.seed, device=ctx.device, on_epoch=on_epoch)
+        return model

@@ -1,0 +1,202 @@
+"""The one training and evaluation loop, used by every attack and every defense.
+
+Design (after airbench94):
+- The whole split lives on the device as uint8; each batch is converted to float and augmented *there*
+  (random crop with padding + horizontal flip as two batched tensor ops). No DataLoader, no worker
+  processes, no PIL: on a 2-core CPU the input pipeline otherwise costs as much as the model.
+- Mixed precision (bf16 autocast) and channels_last on GPU; plain fp32 on CPU, where bf16 is often slower.
+- Everything random (shuffling, augmentation) is drawn from one seeded generator, so a run is
+  reproducible for a seed on a given device.
+- Callers customise *what* is minimised through ``loss_fn`` (ABL's LGA, unlearning, ...) and observe
+  progress through ``on_epoch``; they never write another loop over epochs and batches.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = True
+    # 'onecycle': linear warm-up over the first `warmup` fraction then linear decay to 0 (fast convergence
+    # in few epochs, as in airbench); 'cosine': the backdoor literature's default; 'constant'.
+    schedule: str = "onecycle"
+    warmup: float = 0.2
+    augment: bool = True  # random crop (pad 4) + horizontal flip, the CIFAR standard
+    crop_pad: int = 4
+    label_smoothing: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised when the loss becomes NaN or infinite; the engine records the trial as failed."""
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float in [0, 1]; float images pass through."""
+    return x.float().div_(255) if x.dtype == torch.uint8 else x.float()
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float images in [0, 1] -> uint8 (rounded), as a poisoned image saved to disk would be."""
+    return x.clamp(0, 1).mul(255).round_().to(torch.uint8)
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:
+    """Random crop with zero padding and random horizontal flip for a whole batch in one gather."""
+    b, c, h, w = x.shape
+    dev = x.device
+    if pad:
+        xp = F.pad(x, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (b,), device=dev, generator=gen)
+        dx = torch.randint(0, 2 * pad + 1, (b,), device=dev, generator=gen)
+        rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]
+        x = xp[torch.arange(b, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None], rows, cols]
+    if flip:
+        mask = torch.rand(b, device=dev, generator=gen) < 0.5
+        x = torch.where(mask[:, None, None, None], x.flip(3), x)
+    return x
+
+
+def _autocast(device: torch.device):
+    # bf16 needs no loss scaling; on CPU we stay in fp32 (bf16 matmuls are slow on many CPUs).
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def batches(n: int, batch_size: int, gen: torch.Generator | None, device: torch.device) -> Iterator[torch.Tensor]:
+    """Index batches over n samples; shuffled when a generator is given. The last batch may be short."""
+    order = torch.randperm(n, device=device, generator=gen) if gen is not None else torch.arange(n, device=device)
+    yield from order.split(batch_size)
+
+
+def make_generator(seed: int, device: torch.device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
+    t = step / max(1, total)
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * t))
+    if cfg.schedule == "onecycle":
+        return t / cfg.warmup if t < cfg.warmup else max(0.0, (1 - t) / (1 - cfg.warmup))
+    raise ValueError(f"unknown schedule {cfg.schedule!r}")
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+EpochHook = Callable[[int, dict], "bool | None"]
+
+
+def fit(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    *,
+    seed: int = 0,
+    device: torch.device | None = None,
+    loss_fn: LossFn | None = None,
+    on_epoch: EpochHook | None = None,
+    params=None,
+) -> list[dict]:
+    """Train ``model`` on images ``x`` (uint8 or float in [0, 1]) with labels ``y``.
+
+    ``loss_fn(logits, targets, idx)`` returns the scalar loss of a batch (``idx``: the batch's positions
+    in ``x``, so a loss can weight or treat samples individually); default: cross-entropy.
+    ``on_epoch(epoch, record)`` is called after every epoch with that epoch's record (mean loss, lr, time)
+    and may add entries to it; returning True stops training early.
+    ``params`` restricts the optimised parameters (default: all). Returns the per-epoch records.
+    """
+    import time
+
+    device = device or default_device()
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    x, y = x.to(device), y.to(device)
+    gen = make_generator(seed, device)
+    if loss_fn is None:
+        def loss_fn(logits, targets, idx):  # noqa: ARG001 - idx unused by plain CE
+            return F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
+
+    opt = torch.optim.SGD(
+        params if params is not None else model.parameters(),
+        lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov and cfg.momentum > 0,
+    )
+    n = int(y.shape[0])
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total, step, history = cfg.epochs * steps_per_epoch, 0, []
+    for epoch in range(cfg.epochs):
+        model.train()
+        t0, loss_sum = time.perf_counter(), torch.zeros((), device=device)
+        for idx in batches(n, cfg.batch_size, gen, device):
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * lr_factor(cfg, step, total)
+            xb = to_float(x[idx])
+            if cfg.augment:
+                xb = augment(xb, gen, cfg.crop_pad)
+            if device.type == "cuda":
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with _autocast(device):
+                loss = loss_fn(model(xb), y[idx], idx)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach() * len(idx)  # stays on device: no sync per step
+            step += 1
+        record = {"epoch": epoch, "loss": float(loss_sum) / n, "lr": opt.param_groups[0]["lr"],
+                  "seconds": time.perf_counter() - t0}
+        if not math.isfinite(record["loss"]):
+            raise TrainingDiverged(f"loss became {record['loss']} at epoch {epoch}")
+        # The loss is measured before each step, so a last step that blows the weights up is caught here.
+        if not all(torch.isfinite(p).all() for g in opt.param_groups for p in g["params"]):
+            raise TrainingDiverged(f"parameters became non-finite at epoch {epoch}")
+        stop = on_epoch(epoch, record) if on_epoch else None
+        history.append(record)
+        if stop:
+            break
+    return history
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1024, device: torch.device | None = None,
+            logits: bool = False) -> torch.Tensor:
+    """Predicted labels (or logits) for images ``x`` (uint8 or float in [0, 1]), returned on the CPU."""
+    device = device or next(model.parameters()).device
+    model.to(device).eval()
+    out = []
+    for chunk in x.split(batch_size):
+        xb = to_float(chunk.to(device, non_blocking=True))
+        with _autocast(device):
+            z = model(xb).float()
+        out.append(z if logits else z.argmax(1))
+    return torch.cat(out).cpu()
+
+
+@torch.no_grad()
+def per_sample_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1024,
+                    device: torch.device | None = None) -> torch.Tensor:
+    """Cross-entropy of every sample (no augmentation, eval mode), e.g. for ABL's isolation."""
+    z = predict(model, x, batch_size=batch_size, device=device, logits=True)
+    return F.cross_entropy(z, y.cpu(), reduction="none")

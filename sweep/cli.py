@@ -1,0 +1,121 @@
+"""The ``sweep`` command: run, resume, validate, report, ui, list."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from sweep.spec import SpecError, expand, load_spec
+
+
+def _load_or_exit(spec_path: str):
+    """Parse and fully expand a spec; on any problem print every field at fault and exit 2."""
+    try:
+        spec = load_spec(spec_path)
+        return spec, expand(spec)
+    except SpecError as e:
+        click.echo(f"invalid spec {spec_path}:", err=True)
+        for field, msg in e.problems:
+            click.echo(f"  {field}: {msg}", err=True)
+        sys.exit(2)
+
+
+@click.group()
+def main():
+    """Backdoor-robustness sweeps: attacks × defenses × hyperparameters × seeds on Ray Tune."""
+
+
+@main.command()
+@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
+@click.option("--results", "results_dir", required=True, type=click.Path(file_okay=False), help="results directory")
+@click.option("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+@click.option("--mlflow-uri", default=None, help="MLflow tracking URI (default: sqlite:///RESULTS/mlflow.db)")
+@click.option("--storage", default=None, help="where cached datasets and backdoored models live (default: RESULTS/store)")
+@click.option("--retry-failed", is_flag=True, help="run again the trials recorded as failed")
+@click.option("--max-concurrent", type=int, default=None, help="at most this many trials at once")
+@click.option("--quiet", is_flag=True, help="no progress line")
+def run(spec_path, results_dir, address, mlflow_uri, storage, retry_failed, max_concurrent, quiet):
+    """Run the trials of SPEC that are not yet in RESULTS."""
+    spec, trials = _load_or_exit(spec_path)
+    _run(spec, results_dir, address, mlflow_uri, storage, retry_failed, max_concurrent, quiet)
+
+
+@main.command()
+@click.argument("results_dir", metavar="RESULTS", type=click.Path(exists=True, file_okay=False))
+@click.option("--address", default=None)
+@click.option("--mlflow-uri", default=None)
+@click.option("--storage", default=None)
+@click.option("--quiet", is_flag=True)
+def resume(results_dir, address, mlflow_uri, storage, quiet):
+    """Finish the sweep in RESULTS (its spec.yaml) after its driver died: runs only missing trials."""
+    spec, _ = _load_or_exit(str(Path(results_dir) / "spec.yaml"))
+    _run(spec, results_dir, address, mlflow_uri, storage, False, None, quiet)
+
+
+def _run(spec, results_dir, address, mlflow_uri, storage, retry_failed, max_concurrent, quiet):
+    from sweep.report import table, to_markdown
+    from sweep.results import load
+    from sweep.runner import run_sweep
+
+    s = run_sweep(spec, results_dir, address=address, mlflow_uri=mlflow_uri, storage=storage,
+                  retry_failed=retry_failed, max_concurrent=max_concurrent, progress=not quiet)
+    click.echo(f"sweep {spec.name}: {s.trials} trials, {s.skipped} already done, {s.ran} ran "
+               f"({s.failed} failed) in {s.seconds:.0f}s -> {results_dir}")
+    click.echo(to_markdown(table(load(results_dir))))
+
+
+@main.command()
+@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
+def validate(spec_path):
+    """Check SPEC and print how many trials and backdoored models it asks for."""
+    spec, trials = _load_or_exit(spec_path)
+    click.echo(f"{spec.name}: {len(trials)} trials, {len({t.model_key for t in trials})} backdoored models")
+
+
+@main.command()
+@click.argument("results_dir", metavar="RESULTS", type=click.Path(exists=True, file_okay=False))
+@click.option("--metric", "metrics", multiple=True, default=("clean_acc", "asr"),
+              type=click.Choice(["clean_acc", "asr", "robust_acc"]), show_default=True)
+def report(results_dir, metrics):
+    """Print the attack × defense table (mean ± std over seeds, in %)."""
+    from sweep.report import table, to_markdown
+    from sweep.results import load
+
+    df = load(results_dir)
+    click.echo(to_markdown(table(df, metrics)))
+    failed = int((df.status != "ok").sum())
+    if failed:
+        click.echo(f"\n{failed} failed trial(s); see the 'error' column of the results.")
+
+
+@main.command()
+@click.argument("results_dir", metavar="RESULTS", type=click.Path(exists=True, file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="interface to bind (localhost unless told otherwise)")
+@click.option("--port", default=5000, show_default=True)
+def ui(results_dir, host, port):
+    """Start the MLflow UI on the sweep's tracking store."""
+    import subprocess
+
+    from sweep.tracking import default_uri
+
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", default_uri(results_dir),
+           "--host", host, "--port", str(port)]
+    click.echo(f"MLflow UI at http://{host}:{port}  ({' '.join(cmd[2:])})")
+    sys.exit(subprocess.call(cmd))
+
+
+@main.command(name="list")
+def list_():
+    """List the registered datasets, models, attacks and defenses."""
+    from attacks import ATTACKS
+    from defenses import DEFENSES
+    from kernel.data import DATASETS
+    from kernel.models import MODELS
+
+    for reg in (DATASETS, MODELS, ATTACKS, DEFENSES):
+        click.echo(f"{reg.kind}s: {', '.join(reg.names())}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""Trial rows as a Parquet dataset under ``DIR/trials``, read back with pandas.
+
+One writer (the driver) buffers rows and appends them in batches as part files, each written to a
+temporary name and renamed, so a crash never leaves half a file. When the sweep ends the parts are
+compacted into one file (deduplicated by ``trial_id``, the latest row kept), so
+``pandas.read_parquet(DIR + "/trials")`` and :func:`load` see one row per trial.
+
+Column types are fixed before the first row is written, from every trial of the sweep: a parameter
+that is always an int is int64, always a number float64, always a bool bool; a parameter whose values
+mix kinds (``target: 0`` and ``target: all``; ``clean_size: 100`` and ``one_shot``) is a string.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from sweep.spec import Trial
+
+BASE_COLUMNS = {
+    "sweep": pa.string(), "trial_id": pa.string(), "model_key": pa.string(), "dataset": pa.string(),
+    "model": pa.string(), "attack": pa.string(), "defense": pa.string(), "seed": pa.int64(),
+    "status": pa.string(), "error": pa.string(), "clean_acc": pa.float64(), "asr": pa.float64(),
+    "robust_acc": pa.float64(), "attack_clean_acc": pa.float64(), "attack_asr": pa.float64(),
+    "attack_robust_acc": pa.float64(), "attack_seconds": pa.float64(), "defense_seconds": pa.float64(),
+    "attack_cached": pa.bool_(), "started_at": pa.string(), "finished_at": pa.string(), "host": pa.string(),
+    "device": pa.string(),
+}
+
+
+def _kind(values: list) -> pa.DataType:
+    vals = [v for v in values if v is not None]
+    if vals and all(isinstance(v, bool) for v in vals):
+        return pa.bool_()
+    if vals and all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+        return pa.int64()
+    if vals and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+        return pa.float64()
+    return pa.string()
+
+
+def _merge_type(a: pa.DataType, b: pa.DataType) -> pa.DataType:
+    """The type of a column seen as ``a`` in one run and ``b`` in another."""
+    if a == b or pa.types.is_null(b):
+        return a
+    if pa.types.is_null(a):
+        return b
+    if {a, b} == {pa.int64(), pa.float64()}:
+        return pa.float64()
+    return pa.string()
+
+
+def _unified(schemas: list[pa.Schema]) -> pa.Schema:
+    types: dict[str, pa.DataType] = {}
+    for s in schemas:
+        for f in s:
+            types[f.name] = _merge_type(types[f.name], f.type) if f.name in types else f.type
+    return pa.schema(list(types.items()))
+
+
+def schema_for(trials: list[Trial], results_dir: str | Path | None = None) -> pa.Schema:
+    """The columns of these trials' rows, merged with those already written under ``results_dir``."""
+    values: dict[str, list] = {}
+    for t in trials:
+        for prefix, params in (("attack.", t.attack.params), ("defense.", t.defense.params)):
+            for k, v in params.items():
+                values.setdefault(prefix + k, []).append(v)
+    params = {k: _kind(v) for k, v in sorted(values.items())}
+    schema = pa.schema([*BASE_COLUMNS.items(), *params.items()])
+    existing = [pq.read_schema(p) for p in _parts(Path(results_dir))] if results_dir else []
+    return _unified([schema, *existing]) if existing else schema
+
+
+def _cell(v, typ: pa.DataType):
+    if v is None:
+        return None
+    if pa.types.is_string(typ) and not isinstance(v, str):
+        return json.dumps(v)  # e.g. target 0 beside 'all', position [27, 27]
+    if pa.types.is_floating(typ):
+        return float(v)
+    return v
+
+
+class ResultsWriter:
+    def __init__(self, results_dir: str | Path, schema: pa.Schema, *, flush_rows: int = 256, flush_seconds: float = 10.0):
+        self.dir = Path(results_dir) / "trials"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.schema, self.flush_rows, self.flush_seconds = schema, flush_rows, flush_seconds
+        self.run_id, self.parts, self.rows, self.last_flush = uuid.uuid4().hex[:8], 0, [], time.monotonic()
+
+    def add(self, row: dict) -> bool:
+        """Buffer a row; returns True when it caused a flush to disk."""
+        self.rows.append({name: _cell(row.get(name), typ) for name, typ in zip(self.schema.names, self.schema.types)})
+        if len(self.rows) >= self.flush_rows or time.monotonic() - self.last_flush >= self.flush_seconds:
+            self.flush()
+            return True
+        return False
+
+    def flush(self) -> list[dict]:
+        rows, self.rows, self.last_flush = self.rows, [], time.monotonic()
+        if rows:
+            path = self.dir / f"part-{self.run_id}-{self.parts:05d}.parquet"
+            tmp = path.with_name("." + path.name + ".tmp")
+            pq.write_table(pa.Table.from_pylist(rows, schema=self.schema), tmp)
+            tmp.rename(path)
+            self.parts += 1
+        return rows
+
+    def close(self) -> None:
+        self.flush()
+        compact(self.dir.parent)
+
+
+def _parts(results_dir: Path) -> list[Path]:
+    return sorted((Path(results_dir) / "trials").glob("part-*.parquet"))
+
+
+def _read_all(results_dir: Path) -> pa.Table | None:
+    """Every part as one table; parts written by different runs may differ in columns and types."""
+    tables = [pq.read_table(p) for p in _parts(results_dir)]
+    if not tables:
+        return None
+    schema = _unified([t.schema for t in tables])
+    return pa.concat_tables([_conform(t, schema) for t in tables])
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    cols = []
+    for f in schema:
+        if f.name not in table.column_names:
+            cols.append(pa.nulls(len(table), f.type))
+        elif table.schema.field(f.name).type == f.type:
+            cols.append(table[f.name])
+        elif pa.types.is_string(f.type):
+            # JSON text, as _cell writes mixed values (50 -> "50", 0.05 -> "0.05", True -> "true")
+            cols.append(pa.array([None if v is None else json.dumps(v) for v in table[f.name].to_pylist()], pa.string()))
+        else:
+            cols.append(table[f.name].cast(f.type))
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def compact(results_dir: str | Path) -> None:
+    """Merge all part files into one, one row per trial (the latest), atomically replacing the parts."""
+    results_dir = Path(results_dir)
+    parts = _parts(results_dir)
+    if len(parts) <= 1:
+        return
+    table = _read_all(results_dir)
+    df = _dedupe(table.to_pandas())
+    out = results_dir / "trials" / f"part-{uuid.uuid4().hex[:8]}-compact.parquet"
+    tmp = out.with_name("." + out.name + ".tmp")
+    pq.write_table(pa.Table.from_pandas(df, schema=table.schema, preserve_index=False), tmp)
+    tmp.rename(out)
+    for p in parts:
+        p.unlink()
+
+
+def _dedupe(df: pd.DataFrame) -> pd.DataFrame:
+    return df.sort_values("finished_at", kind="stable").drop_duplicates("trial_id", keep="last").reset_index(drop=True)
+
+
+def finished_trials(results_dir: str | Path, include_failed: bool = True) -> set[str]:
+    """Trial ids already in the results (the ones a re-run or resume skips)."""
+    table = _read_all(Path(results_dir))
+    if table is None:
+        return set()
+    df = table.select(["trial_id", "status"]).to_pandas()
+    if not include_failed:
+        df = df[df.status == "ok"]
+    return set(df.trial_id)
+
+
+# Nullable pandas dtypes, so an int parameter absent from some rows stays an int column.
+_NULLABLE = {pa.int64(): pd.Int64Dtype(), pa.bool_(): pd.BooleanDtype()}
+
+
+def load(results_dir: str | Path) -> pd.DataFrame:
+    """All trial rows of a results directory as a DataFrame, one row per trial, typed columns."""
+    table = _read_all(Path(results_dir))
+    if table is None:
+        raise FileNotFoundError(f"no trial results under {Path(results_dir) / 'trials'}")
+    return _dedupe(table.to_pandas(types_mapper=_NULLABLE.get))

@@ -1,0 +1,186 @@
+"""Run a sweep's trials on Ray Tune; write every result to Parquet and MLflow from the driver.
+
+Ray Tune schedules (resources per trial, fractional GPUs, concurrency, retries on lost nodes); a trial
+is one call of :func:`_trainable`, which runs :func:`sweep.trial.execute` and reports its row. A
+callback on the driver is the single writer of Parquet and MLflow. Tune's automatic per-trial loggers
+are off: the rows are the record, and those loggers cost time and driver memory per trial.
+
+Re-running a spec runs only the trials whose ``trial_id`` is not yet in the results; ``resume`` re-runs
+the spec saved in the results directory, which finishes a sweep whose driver died.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# Before Ray is imported (workers inherit these at ray.init): no per-trial CSV/JSON/TensorBoard loggers,
+# the old (silent at verbose=0) console reporter, and no chdir of trials into their Tune folders.
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+
+import yaml  # noqa: E402
+from ray.tune import Callback  # noqa: E402
+
+from sweep.results import ResultsWriter, finished_trials, load, schema_for  # noqa: E402
+from sweep.spec import SweepSpec, Trial, expand  # noqa: E402
+from sweep.tracking import Tracker, default_uri  # noqa: E402
+
+
+@dataclass
+class Summary:
+    trials: int  # in the spec
+    skipped: int  # already in the results
+    ran: int
+    failed: int
+    seconds: float
+
+
+def _trainable(config, *, store_root: str, data_root, download: bool, threads: int):
+    """One trial inside a Ray worker."""
+    import ray
+    import torch
+    from ray import tune
+
+    from sweep.store import Store
+    from sweep.trial import execute
+
+    torch.set_num_threads(threads)
+    use_gpu = torch.cuda.is_available() and bool(ray.get_gpu_ids())
+    trial = Trial.from_dict(config["trial"])
+    out = execute(trial, Store(store_root), root=data_root, download=download,
+                  device=torch.device("cuda" if use_gpu else "cpu"))
+    arts = {k: v.detach().float().cpu().numpy() for k, v in out.artifacts.items()}
+    tune.report({"row_json": json.dumps(out.row), "curves_json": json.dumps(out.curves), "artifacts": arts})
+
+
+def run_sweep(spec: SweepSpec, results_dir: str | Path, *, address: str | None = None,
+              mlflow_uri: str | None = None, storage: str | None = None, retry_failed: bool = False,
+              max_concurrent: int | None = None, progress: bool = True) -> Summary:
+    """Run every trial of ``spec`` not yet in ``results_dir``. The spec is fully validated first."""
+    t_start = time.monotonic()
+    trials = expand(spec)  # raises SpecError before anything is written
+    results_dir = Path(results_dir).resolve()
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    store_root = storage or str(results_dir / "store")
+    done = finished_trials(results_dir, include_failed=not retry_failed)
+    todo = [t for t in trials if t.trial_id not in done]
+
+    tracker = Tracker(mlflow_uri or default_uri(results_dir), spec.name, results_dir, spec.model_dump(mode="json"))
+    if done:
+        tracker.backfill(load(results_dir).to_dict("records"))
+    writer = ResultsWriter(results_dir, schema_for(trials, results_dir))
+    sink = _Sink(writer, tracker, total=len(todo), show=progress)
+    status = "FINISHED"
+    try:
+        if todo:
+            _tune(spec, todo, results_dir, sink, address=address, store_root=store_root,
+                  max_concurrent=max_concurrent or spec.max_concurrent)
+    except BaseException:
+        status = "KILLED"
+        raise
+    finally:
+        sink.finish()
+        tracker.close(status)
+    return Summary(len(trials), len(trials) - len(todo), len(todo), sink.failed, time.monotonic() - t_start)
+
+
+def _tune(spec: SweepSpec, todo: list[Trial], results_dir: Path, sink, *, address, store_root, max_concurrent):
+    import ray
+    from ray import tune
+
+    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)  # failures are rows, not tracebacks on stderr
+    if not ray.is_initialized():
+        if address:
+            if address != "auto":
+                # Ray >= 2.52 clusters use token auth by default; "auto" finds the token, an explicit
+                # address needs this (set RAY_AUTH_MODE=disabled for a cluster started without auth).
+                os.environ.setdefault("RAY_AUTH_MODE", "token")
+            ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
+        else:
+            ray.init(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    res = spec.resources
+    trainable = tune.with_resources(
+        tune.with_parameters(_trainable, store_root=store_root, data_root=spec.dataset.root,
+                             download=spec.dataset.download, threads=max(1, int(res.cpu))),
+        {"cpu": res.cpu, "gpu": res.gpu})
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search([t.as_dict() for t in todo])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True),
+        run_config=tune.RunConfig(
+            name=spec.name, storage_path=str(results_dir / "ray"), callbacks=[sink], verbose=0,
+            failure_config=tune.FailureConfig(max_failures=3),  # retried on a lost node / dead worker
+            checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
+        ),
+    )
+    tuner.fit()
+
+
+class _Sink(Callback):
+    """Tune callback on the driver: the single writer of Parquet (first) and MLflow (after)."""
+
+    def __init__(self, writer: ResultsWriter, tracker: Tracker, total: int, show: bool):
+        super().__init__()
+        self.writer, self.tracker, self.total, self.show = writer, tracker, total, show
+        self.pending: dict[str, tuple] = {}  # trial_id -> (curves, artifacts) until its row is on disk
+        self.finished = self.failed = self.running = 0
+        self.t0, self.last_print = time.monotonic(), 0.0
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        row = json.loads(result["row_json"])
+        self._record(row, json.loads(result.get("curves_json") or "{}"), result.get("artifacts") or {})
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        # The worker died (not the trial's code, whose exceptions are rows): record it and go on.
+        t = Trial.from_dict(trial.config["trial"])
+        from sweep.trial import base_row
+
+        row = base_row(t)
+        row.update(status="failed", error=f"worker error: {getattr(trial, 'error_msg', None) or 'unknown'}")
+        self._record(row, {}, {})
+
+    def on_step_end(self, iteration, trials, **info):
+        self.running = sum(1 for t in trials if t.status == "RUNNING")
+        self._progress()
+
+    def _record(self, row, curves, artifacts):
+        self.finished += 1
+        self.failed += row["status"] != "ok"
+        self.pending[row["trial_id"]] = (row, curves, artifacts)
+        if self.writer.add(row):
+            self._log_flushed()
+        self._progress()
+
+    def _log_flushed(self):
+        import torch
+
+        for row, curves, arts in self.pending.values():
+            self.tracker.log(row, curves, {k: torch.as_tensor(v) for k, v in arts.items()})
+        self.pending.clear()
+
+    def _progress(self, force: bool = False):
+        now = time.monotonic()
+        if not self.show or (not force and now - self.last_print < (1 if sys.stderr.isatty() else 30)):
+            return
+        self.last_print = now
+        el = now - self.t0
+        eta = f"{el / self.finished * (self.total - self.finished):,.0f}s" if self.finished else "?"
+        line = (f"[sweep] {self.finished}/{self.total} done, {self.running} running, {self.failed} failed, "
+                f"elapsed {el:,.0f}s, eta {eta}")
+        print(("\r" + line) if sys.stderr.isatty() else line, end="" if sys.stderr.isatty() else "\n",
+              file=sys.stderr, flush=True)
+
+    def finish(self):
+        self.writer.close()
+        self._log_flushed()
+        self._progress(force=True)
+        if self.show and sys.stderr.isatty():
+            print(file=sys.stderr)

@@ -1,0 +1,155 @@
+"""One trial: poison the data -> backdoored model (trained once, from the store) -> defense -> metrics.
+
+``execute`` never raises: an exception (or a diverged loss) becomes a ``status='failed'`` row with the
+error, so one bad trial cannot stop a sweep of thousands.
+"""
+from __future__ import annotations
+
+import platform
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import torch
+
+from attacks import ATTACKS
+from defenses import DEFENSES
+from defenses.base import DefenseContext, draw_clean_set
+from kernel.data import Dataset, DatasetInfo, Split, load_dataset
+from kernel.metrics import evaluate
+from kernel.models import create_model
+from kernel.train import TrainConfig, fit
+from sweep.spec import Trial, content_hash
+from sweep.store import Store
+
+CURVE_SAMPLES = 1000  # test images used for per-epoch curves: enough for a curve, cheap enough per epoch
+_DATA_MEMO: dict[str, Dataset] = {}  # per worker process: actors are reused, so is their data
+
+
+@dataclass
+class Outcome:
+    row: dict
+    curves: dict = field(default_factory=dict)  # name -> list of per-step records
+    artifacts: dict = field(default_factory=dict)  # name -> image tensor
+
+
+def load_data(trial: Trial, root: str | None, download: bool, store: Store) -> Dataset:
+    """The trial's dataset, decoded once per store and held once per worker."""
+    key = content_hash({**trial.dataset, "root": root})
+    if key in _DATA_MEMO:
+        return _DATA_MEMO[key]
+    d = trial.dataset
+
+    def build():
+        ds = load_dataset(d["name"], root=root, train_size=d["train_size"], test_size=d["test_size"],
+                          seed=0, download=download)
+        return ({"train_x": ds.train.x, "train_y": ds.train.y, "test_x": ds.test.x, "test_y": ds.test.y},
+                {"dataset": d, "root": root})
+
+    from kernel.data import dataset_info
+
+    t, _, _ = store.get_or_build("datasets", key, build)
+    ds = Dataset(dataset_info(d["name"]), Split(t["train_x"], t["train_y"]), Split(t["test_x"], t["test_y"]))
+    _DATA_MEMO.clear()  # one dataset per worker at a time keeps memory flat across long sweeps
+    _DATA_MEMO[key] = ds
+    return ds
+
+
+def _load_files(cls, params: dict, info: DatasetInfo) -> dict:
+    """Read the files an attack's parameters name (e.g. a blend trigger image): attacks do no I/O."""
+    files = {}
+    for name, f in cls.Params.model_fields.items():
+        extra = f.json_schema_extra or {}
+        if isinstance(extra, dict) and extra.get("file") == "image" and params.get(name):
+            from kernel.data import read_image
+
+            files[name] = read_image(params[name], info.shape)
+    return files
+
+
+def base_row(trial: Trial) -> dict:
+    row = {"sweep": trial.sweep, "trial_id": trial.trial_id, "model_key": trial.model_key,
+           "dataset": trial.dataset["name"], "model": trial.model, "attack": trial.attack.name,
+           "defense": trial.defense.name, "seed": trial.seed, "status": "running", "error": None,
+           "clean_acc": None, "asr": None, "robust_acc": None, "attack_clean_acc": None, "attack_asr": None,
+           "attack_robust_acc": None, "attack_seconds": None, "defense_seconds": None, "attack_cached": None,
+           "started_at": datetime.now(timezone.utc).isoformat(), "finished_at": None,
+           "host": platform.node(), "device": None}
+    row.update({f"attack.{k}": v for k, v in trial.attack.params.items()})
+    row.update({f"defense.{k}": v for k, v in trial.defense.params.items()})
+    return row
+
+
+def execute(trial: Trial, store: Store, *, root: str | None = None, download: bool = True,
+            device: torch.device | None = None) -> Outcome:
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = Outcome(base_row(trial))
+    row = out.row
+    row["device"] = str(device)
+    try:
+        _run(trial, store, root, download, device, out)
+        row["status"] = "ok"
+    except Exception as e:  # noqa: BLE001 - any failure becomes a recorded row
+        row["status"] = "failed"
+        row["error"] = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-3)}"
+    row["finished_at"] = datetime.now(timezone.utc).isoformat()
+    return out
+
+
+def _run(trial: Trial, store: Store, root, download, device, out: Outcome) -> None:
+    row, seed = out.row, trial.seed
+    ds = load_data(trial, root, download, store)
+    info = ds.info
+    acls, dcls = ATTACKS.get(trial.attack.name), DEFENSES.get(trial.defense.name)
+    attack = acls(acls.Params.model_validate(trial.attack.params), info, seed,
+                  files=_load_files(acls, trial.attack.params, info))
+    defense = dcls(dcls.Params.model_validate(trial.defense.params))
+    poisoned = attack.poison(ds.train)
+    triggered = attack.triggered_test(ds.test)
+    curve_trig = None if triggered is None else type(triggered)(
+        triggered.x[:CURVE_SAMPLES], triggered.y_true[:CURVE_SAMPLES], triggered.y_attack[:CURVE_SAMPLES])
+
+    def new_model():
+        torch.manual_seed(seed)  # same init for a seed, whatever ran before in this process
+        return create_model(trial.model, info.num_classes, info.shape[0], info.mean, info.std)
+
+    def curve_metrics(m):
+        was_training = m.training
+        r = evaluate(m, ds.test.x[:CURVE_SAMPLES], ds.test.y[:CURVE_SAMPLES], curve_trig, device)
+        m.train(was_training)
+        return {k: v for k, v in r.items() if v is not None}
+
+    model = None
+    if defense.needs_backdoored_model:
+        def build():
+            m = new_model()
+            t0 = time.perf_counter()
+            hist = fit(m, poisoned.train.x, poisoned.train.y, TrainConfig(**trial.train), seed=seed,
+                       device=device, on_epoch=lambda e, rec: rec.update(curve_metrics(m)))
+            seconds = time.perf_counter() - t0
+            metrics = evaluate(m, ds.test.x, ds.test.y, triggered, device)
+            state = {k: v.detach().cpu() for k, v in m.state_dict().items()}
+            return state, {"metrics": metrics, "seconds": seconds, "history": hist,
+                           "poisoned": len(poisoned.indices), "trial": trial.as_dict()}
+
+        state, record, built = store.get_or_build("models", trial.model_key, build)
+        model = new_model()
+        model.load_state_dict(state)
+        model.to(device)
+        m = record["metrics"]
+        row.update(attack_clean_acc=m["clean_acc"], attack_asr=m["asr"], attack_robust_acc=m["robust_acc"],
+                   attack_seconds=record["seconds"], attack_cached=not built)
+        out.curves["train"] = record["history"]
+
+    ctx = DefenseContext(info=info, train_cfg=TrainConfig(**trial.train), seed=seed, device=device,
+                         poisoned_train=poisoned.train, new_model=new_model, evaluate=curve_metrics)
+    if dcls.uses_clean_set():
+        ctx.clean = draw_clean_set(ds.train, poisoned.indices, defense.params.clean_size, seed, info.num_classes)
+    t0 = time.perf_counter()
+    model = defense.apply(model, ctx)
+    row["defense_seconds"] = time.perf_counter() - t0
+    row.update(evaluate(model, ds.test.x, ds.test.y, triggered, device))
+    if ctx.history:
+        out.curves["defense"] = ctx.history
+    out.artifacts.update(ctx.artifacts)

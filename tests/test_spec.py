@@ -1,0 +1,141 @@
+"""Spec expansion and every refusal: a message naming the field, exit code 2, nothing written."""
+import copy
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from sweep.cli import main
+from sweep.spec import SpecError, expand, parse_spec
+
+BASE = {
+    "name": "t",
+    "dataset": {"name": "synthetic", "train_size": 1000, "test_size": 200},
+    "model": "small_cnn",
+    "train": {"epochs": 1},
+    "seeds": [0, 1],
+    "attacks": [{"name": "badnets", "poison_rate": [0.05, 0.1], "target": 0}, {"name": "blend", "poison_rate": 0.1}],
+    "defenses": [{"name": "none"}, {"name": "finetune", "clean_size": [100, 500]}],
+}
+
+
+def spec(**changes):
+    s = copy.deepcopy(BASE)
+    for path, value in changes.items():
+        node, keys = s, path.split("__")
+        for k in keys[:-1]:
+            node = node[int(k)] if k.isdigit() else node[k]
+        if value is DELETE:
+            del node[keys[-1]]
+        else:
+            node[int(keys[-1]) if keys[-1].isdigit() else keys[-1]] = value
+    return s
+
+
+DELETE = object()
+
+
+def test_expansion_counts_and_ids():
+    trials = expand(parse_spec(spec()))
+    assert len(trials) == 2 * 3 * 3  # seeds × attack variants × defense variants
+    assert len({t.trial_id for t in trials}) == 18
+    assert len({t.model_key for t in trials}) == 6  # one backdoored model per (attack variant, seed)
+    again = expand(parse_spec(spec()))
+    assert [t.trial_id for t in trials] == [t.trial_id for t in again]
+
+
+def test_interleaved_order_starts_every_model_first():
+    trials = expand(parse_spec(spec()))
+    assert len({t.model_key for t in trials[:6]}) == 6
+
+
+def test_defaults_are_resolved_into_the_identity():
+    t1 = expand(parse_spec(spec(attacks=[{"name": "badnets"}])))
+    t2 = expand(parse_spec(spec(attacks=[{"name": "badnets", "poison_rate": 0.1, "patch_size": 3}])))
+    assert {t.trial_id for t in t1} == {t.trial_id for t in t2}
+    assert t1[0].attack.params["poison_rate"] == 0.1 and t1[0].attack.params["target"] == 0
+    assert t1[0].train["batch_size"] > 0  # model defaults fill what train leaves out
+
+
+def test_list_typed_parameter_grid():
+    one = expand(parse_spec(spec(attacks=[{"name": "badnets", "position": [27, 27]}])))
+    two = expand(parse_spec(spec(attacks=[{"name": "badnets", "position": [[27, 27], [0, 0]]}])))
+    assert len({t.model_key for t in one}) == 2 and len({t.model_key for t in two}) == 4
+
+
+def test_one_shot_and_fraction_clean_sizes():
+    trials = expand(parse_spec(spec(defenses__1__clean_size=["one_shot", 0.05, 100])))
+    assert {t.defense.params.get("clean_size") for t in trials} == {None, "one_shot", 0.05, 100}
+
+
+REFUSALS = [
+    (dict(attacks__0__name="nosuch"), "attacks[0].name", "unknown attack"),
+    (dict(defenses__1__name="nosuch"), "defenses[1].name", "unknown defense"),
+    (dict(dataset__name="nosuch"), "dataset.name", "unknown dataset"),
+    (dict(model="nosuch"), "model", "unknown model"),
+    (dict(attacks__0__bogus=1), "attacks[0].bogus", "extra"),
+    (dict(defenses__1__bogus=1), "defenses[1].bogus", "extra"),
+    (dict(attacks__0__poison_rate=0), "attacks[0].poison_rate", "greater than 0"),
+    (dict(attacks__0__poison_rate=1.5), "attacks[0].poison_rate", "less than or equal to 1"),
+    (dict(attacks__1__target=10), "attacks[1].target", "not a class"),
+    (dict(defenses__1__clean_size=950), "defenses[1].clean_size", "clean pool"),
+    (dict(defenses__1__clean_size=1.5), "defenses[1].clean_size", ""),
+    (dict(model=DELETE), "model", "missing"),
+    (dict(dataset__name=DELETE), "dataset.name", "missing"),
+    (dict(attacks=DELETE), "attacks", "missing"),
+    (dict(seeds="zero"), "seeds", "list"),
+    (dict(train__epochs="many"), "train.epochs", "integer"),
+    (dict(dataset__train_size=10**7), "dataset.train_size", "exceeds"),
+    (dict(resources={"cpu": 0}), "resources.cpu", "greater than 0"),
+    (dict(attacks__0__poison_rate=[]), "attacks[0]", "empty list"),
+    (dict(bogus=1), "bogus", "extra"),
+    (dict(attacks__0__patch_size=4, attacks__0__position=[30, 30]), "attacks[0]", "does not fit"),
+]
+
+
+@pytest.mark.parametrize("changes,field,text", REFUSALS)
+def test_refusals_name_the_field(changes, field, text):
+    with pytest.raises(SpecError) as e:
+        expand(parse_spec(spec(**changes)))
+    fields = [f for f, _ in e.value.problems]
+    assert field in fields, e.value.problems
+    assert text.lower() in str(e.value).lower()
+
+
+@pytest.mark.parametrize("changes,field,text", REFUSALS[:6])
+def test_cli_refuses_with_exit_2_and_writes_nothing(tmp_path, changes, field, text):
+    p = tmp_path / "spec.yaml"
+    p.write_text(yaml.safe_dump(spec(**changes)))
+    results = tmp_path / "results"
+    r = CliRunner().invoke(main, ["run", str(p), "--results", str(results)])
+    assert r.exit_code == 2, r.output
+    assert field in r.output
+    assert not results.exists()
+
+
+@pytest.mark.parametrize("content", ["name: [unclosed", "- just\n- a list\n", ""])
+def test_cli_refuses_non_yaml_or_non_mapping(tmp_path, content):
+    p = tmp_path / "spec.yaml"
+    p.write_text(content)
+    r = CliRunner().invoke(main, ["run", str(p), "--results", str(tmp_path / "out")])
+    assert r.exit_code == 2 and "spec" in r.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_missing_file(tmp_path):
+    r = CliRunner().invoke(main, ["validate", str(tmp_path / "nope.yaml")])
+    assert r.exit_code == 2 and "no such file" in r.output
+
+
+def test_cli_validate_counts(tmp_path):
+    p = tmp_path / "spec.yaml"
+    p.write_text(yaml.safe_dump(spec()))
+    r = CliRunner().invoke(main, ["validate", str(p)])
+    assert r.exit_code == 0 and "18 trials, 6 backdoored models" in r.output
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(SpecError) as e:
+        expand(parse_spec(spec(attacks__0__poison_rate=2, attacks__1__target=99)))
+    fields = {f for f, _ in e.value.problems}
+    assert {"attacks[0].poison_rate", "attacks[1].target"} <= fields
