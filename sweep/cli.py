@@ -58,8 +58,13 @@ def _run(spec, results_dir, address, mlflow_uri, storage, retry_failed, max_conc
     from sweep.results import load
     from sweep.runner import run_sweep
 
-    s = run_sweep(spec, results_dir, address=address, mlflow_uri=mlflow_uri, storage=storage,
-                  retry_failed=retry_failed, max_concurrent=max_concurrent, progress=not quiet)
+    try:
+        s = run_sweep(spec, results_dir, address=address, mlflow_uri=mlflow_uri, storage=storage,
+                      retry_failed=retry_failed, max_concurrent=max_concurrent, progress=not quiet)
+    except SpecError as e:  # data that is missing or malformed, found before any trial started
+        for field, msg in e.problems:
+            click.echo(f"{field}: {msg}", err=True)
+        sys.exit(2)
     click.echo(f"sweep {spec.name}: {s.trials} trials, {s.skipped} already done, {s.ran} ran "
                f"({s.failed} failed) in {s.seconds:.0f}s -> {results_dir}")
     click.echo(to_markdown(table(load(results_dir))))
@@ -100,7 +105,7 @@ def ui(results_dir, host, port):
     from sweep.tracking import default_uri
 
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", default_uri(results_dir),
-           "--host", host, "--port", str(port)]
+           "--host", host, "--port", str(port), "--workers", "1"]  # one viewer needs one worker, not four
     click.echo(f"MLflow UI at http://{host}:{port}  ({' '.join(cmd[2:])})")
     sys.exit(subprocess.call(cmd))
 

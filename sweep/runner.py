@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ import yaml  # noqa: E402
 from ray.tune import Callback  # noqa: E402
 
 from sweep.results import ResultsWriter, finished_trials, load, schema_for  # noqa: E402
-from sweep.spec import SweepSpec, Trial, expand  # noqa: E402
+from sweep.spec import SpecError, SweepSpec, Trial, expand  # noqa: E402
 from sweep.tracking import Tracker, default_uri  # noqa: E402
 
 
@@ -67,11 +68,13 @@ def run_sweep(spec: SweepSpec, results_dir: str | Path, *, address: str | None =
     t_start = time.monotonic()
     trials = expand(spec)  # raises SpecError before anything is written
     results_dir = Path(results_dir).resolve()
-    results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     store_root = storage or str(results_dir / "store")
     done = finished_trials(results_dir, include_failed=not retry_failed)
     todo = [t for t in trials if t.trial_id not in done]
+    if todo:
+        _prepare_data(spec, todo[0], results_dir, store_root)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
 
     tracker = Tracker(mlflow_uri or default_uri(results_dir), spec.name, results_dir, spec.model_dump(mode="json"))
     if done:
@@ -90,6 +93,24 @@ def run_sweep(spec: SweepSpec, results_dir: str | Path, *, address: str | None =
         sink.finish()
         tracker.close(status)
     return Summary(len(trials), len(trials) - len(todo), len(todo), sink.failed, time.monotonic() - t_start)
+
+
+def _prepare_data(spec: SweepSpec, trial: Trial, results_dir: Path, store_root: str) -> None:
+    """Decode the dataset once, on the driver, into the store: missing or malformed data is one clear
+    error before any trial starts (not one failed row per trial), and workers load cached tensors."""
+    from kernel.data import DataError
+    from sweep import trial as trial_mod
+    from sweep.store import Store
+
+    existed = results_dir.exists()
+    try:
+        trial_mod.load_data(trial, spec.dataset.root, spec.dataset.download, Store(store_root))
+    except DataError as e:
+        if not existed:
+            shutil.rmtree(results_dir, ignore_errors=True)
+        raise SpecError([("dataset", str(e))]) from None
+    finally:
+        trial_mod._DATA_MEMO.clear()  # the driver does not train: free the tensors
 
 
 def _tune(spec: SweepSpec, todo: list[Trial], results_dir: Path, sink, *, address, store_root, max_concurrent):

@@ -166,6 +166,14 @@ def _grid(entry: dict, params_cls: type[BaseModel]) -> list[dict]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*choices)]
 
 
+def _file_params(cls, params: dict):
+    """(name, path) of the parameters that name a file (declared with json_schema_extra={'file': ...})."""
+    for name, f in cls.Params.model_fields.items():
+        extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+        if extra.get("file") and params.get(name):
+            yield name, params[name]
+
+
 def _variants(entries: list[dict], registry, section: str, context: dict, problems: list) -> list[list[Variant]]:
     out = []
     for i, entry in enumerate(entries):
@@ -196,7 +204,12 @@ def _variants(entries: list[dict], registry, section: str, context: dict, proble
                     msg = err["msg"].removeprefix("Value error, ")
                     problems.append((f"{where}.{_loc(err['loc'])}" if err["loc"] else where, msg))
                 continue
-            v = Variant(name, p.model_dump(mode="json"))
+            params = p.model_dump(mode="json")
+            for fname, path in _file_params(cls, params):
+                if not Path(path).expanduser().is_file():
+                    problems.append((f"{where}.{fname}", f"file not found: {path}"))
+                params[fname] = str(Path(path).expanduser().resolve())  # workers do not share our cwd
+            v = Variant(name, params)
             key = content_hash(v.as_dict())
             if key not in seen:
                 seen.add(key)

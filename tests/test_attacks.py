@@ -116,3 +116,17 @@ def test_none_attack_has_no_trigger():
     a = make("none")
     p = a.poison(train)
     assert len(p.indices) == 0 and a.triggered_test(train) is None
+
+
+def test_blend_with_an_image_file(tmp_path):
+    from PIL import Image
+
+    from kernel.data import read_image
+
+    Image.new("RGB", (64, 48), (255, 0, 0)).save(tmp_path / "t.png")
+    img = read_image(str(tmp_path / "t.png"), (3, 32, 32))
+    assert img.shape == (3, 32, 32) and img[0].eq(1).all() and img[1:].eq(0).all()
+    cls = ATTACKS.get("blend")
+    a = cls(cls.Params(image=str(tmp_path / "t.png"), alpha=0.5), INFO, 0, files={"image": img})
+    out = a.apply_trigger(torch.zeros(1, 3, 32, 32))
+    assert torch.allclose(out[0, 0], torch.full((32, 32), 0.5)) and out[0, 1:].eq(0).all()

@@ -90,6 +90,7 @@ REFUSALS = [
     (dict(attacks__0__poison_rate=[]), "attacks[0]", "empty list"),
     (dict(bogus=1), "bogus", "extra"),
     (dict(attacks__0__patch_size=4, attacks__0__position=[30, 30]), "attacks[0]", "does not fit"),
+    (dict(attacks__1__image="/no/such/kitty.png"), "attacks[1].image", "file not found"),
 ]
 
 
@@ -139,3 +140,13 @@ def test_all_problems_reported_at_once():
         expand(parse_spec(spec(attacks__0__poison_rate=2, attacks__1__target=99)))
     fields = {f for f, _ in e.value.problems}
     assert {"attacks[0].poison_rate", "attacks[1].target"} <= fields
+
+
+def test_cli_missing_data_root_is_one_clear_error(tmp_path):
+    s = spec(dataset={"name": "cifar10", "root": str(tmp_path / "nowhere"), "train_size": 1000, "download": False})
+    p = tmp_path / "spec.yaml"
+    p.write_text(yaml.safe_dump(s))
+    r = CliRunner().invoke(main, ["run", str(p), "--results", str(tmp_path / "out")])
+    assert r.exit_code == 2, r.output
+    assert "dataset:" in r.output and "train/<class>" in r.output  # names the expected layout
+    assert not (tmp_path / "out").exists()
