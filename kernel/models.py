@@ -342,6 +342,11 @@ class SmallCNN(_Classifier):
         return self.fc(torch.flatten(nn.functional.adaptive_max_pool2d(f, 1), 1))
 
 
+# Tuned on 10k CIFAR-10 images (3 seeds each, test accuracy): lr 0.05/wd 5e-4 73.8%, lr 0.1 + label
+# smoothing 0.2 74.1%, lr 0.05/wd 1e-3 74.2% -- all within seed noise (BadNets ASR too: 92.0% at 5e-4,
+# 91.6-92.7% at 1e-3). Kept lr 0.05/wd 5e-4, the settings of the published measurements; no label
+# smoothing, so per-sample losses (ABL's isolation, loss-based defenses) keep their plain meaning.
+# One-cycle (warm-up 20%, linear decay) converges in 20 epochs where cosine from lr 0.01 would need ~100.
 @register("small_cnn", dict(epochs=20, batch_size=256, lr=0.05, momentum=0.9, weight_decay=5e-4,
                             schedule="onecycle", warmup=0.2, label_smoothing=0.0))
 def small_cnn(num_classes: int, in_channels: int = 3) -> nn.Module:
