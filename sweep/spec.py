@@ -166,7 +166,7 @@ def _grid(entry: dict, params_cls: type[BaseModel]) -> list[dict]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*choices)]
 
 
-def _file_params(cls, params: dict):
+def file_params(cls, params: dict):
     """(name, path) of the parameters that name a file (declared with json_schema_extra={'file': ...})."""
     for name, f in cls.Params.model_fields.items():
         extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
@@ -205,7 +205,7 @@ def _variants(entries: list[dict], registry, section: str, context: dict, proble
                     problems.append((f"{where}.{_loc(err['loc'])}" if err["loc"] else where, msg))
                 continue
             params = p.model_dump(mode="json")
-            for fname, path in _file_params(cls, params):
+            for fname, path in file_params(cls, params):
                 if not Path(path).expanduser().is_file():
                     problems.append((f"{where}.{fname}", f"file not found: {path}"))
                 params[fname] = str(Path(path).expanduser().resolve())  # workers do not share our cwd

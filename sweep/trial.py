@@ -16,11 +16,11 @@ import torch
 from attacks import ATTACKS
 from defenses import DEFENSES
 from defenses.base import DefenseContext, draw_clean_set
-from kernel.data import Dataset, DatasetInfo, Split, load_dataset
+from kernel.data import Dataset, DatasetInfo, Split, dataset_info, load_dataset, read_image
 from kernel.metrics import evaluate
 from kernel.models import create_model
 from kernel.train import TrainConfig, fit
-from sweep.spec import Trial, content_hash
+from sweep.spec import Trial, content_hash, file_params
 from sweep.store import Store
 
 CURVE_SAMPLES = 1000  # test images used for per-epoch curves: enough for a curve, cheap enough per epoch
@@ -47,8 +47,6 @@ def load_data(trial: Trial, root: str | None, download: bool, store: Store) -> D
         return ({"train_x": ds.train.x, "train_y": ds.train.y, "test_x": ds.test.x, "test_y": ds.test.y},
                 {"dataset": d, "root": root})
 
-    from kernel.data import dataset_info
-
     t, _, _ = store.get_or_build("datasets", key, build)
     ds = Dataset(dataset_info(d["name"]), Split(t["train_x"], t["train_y"]), Split(t["test_x"], t["test_y"]))
     _DATA_MEMO.clear()  # one dataset per worker at a time keeps memory flat across long sweeps
@@ -58,14 +56,7 @@ def load_data(trial: Trial, root: str | None, download: bool, store: Store) -> D
 
 def _load_files(cls, params: dict, info: DatasetInfo) -> dict:
     """Read the files an attack's parameters name (e.g. a blend trigger image): attacks do no I/O."""
-    files = {}
-    for name, f in cls.Params.model_fields.items():
-        extra = f.json_schema_extra or {}
-        if isinstance(extra, dict) and extra.get("file") == "image" and params.get(name):
-            from kernel.data import read_image
-
-            files[name] = read_image(params[name], info.shape)
-    return files
+    return {name: read_image(path, info.shape) for name, path in file_params(cls, params)}
 
 
 def base_row(trial: Trial) -> dict:

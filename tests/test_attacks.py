@@ -130,3 +130,14 @@ def test_blend_with_an_image_file(tmp_path):
     a = cls(cls.Params(image=str(tmp_path / "t.png"), alpha=0.5), INFO, 0, files={"image": img})
     out = a.apply_trigger(torch.zeros(1, 3, 32, 32))
     assert torch.allclose(out[0, 0], torch.full((32, 32), 0.5)) and out[0, 1:].eq(0).all()
+
+
+def test_engine_reads_the_files_an_attack_names(tmp_path):
+    from PIL import Image
+
+    from sweep.trial import _load_files
+
+    Image.new("RGB", (32, 32), (0, 255, 0)).save(tmp_path / "g.png")
+    files = _load_files(ATTACKS.get("blend"), {"image": str(tmp_path / "g.png"), "alpha": 0.2}, INFO)
+    assert set(files) == {"image"} and files["image"][1].eq(1).all()
+    assert _load_files(ATTACKS.get("blend"), {"image": None}, INFO) == {}
