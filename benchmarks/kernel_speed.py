@@ -14,9 +14,12 @@ What it measures, per model (kernel.models names):
 
 Both pipelines train the same architecture from the same initialisation with the same optimiser
 (SGD, momentum 0.9, Nesterov, weight decay 5e-4) and batch size, on the same class-stratified training
-subset. Each pipeline runs one untimed warm-up epoch (lazy init, worker start-up, allocator) and then
-``--epochs`` timed epochs; the table reports the mean seconds per timed epoch, images/s and ms/image,
-then ``kernel speed-up <model>: X.XX×`` against the *faster* of the two torchvision baselines.
+subset. Each pipeline runs one untimed warm-up epoch (lazy init, worker start-up, allocator); then the
+``--epochs`` timed epochs of the three pipelines are interleaved, so that load from other processes on a
+shared machine hits them alike. The table reports the mean (and min) seconds per timed epoch, images/s
+and ms/image, then ``kernel speed-up <model>: X.XX×`` (mean vs mean) against the *faster* of the two
+torchvision baselines. Models are the project's (``create_model``: channels_last, Normalize inside) in
+both pipelines, so only the input pipeline and the loop differ.
 
 DataLoader workers: ``--workers`` defaults to the number of CPU cores on CPU (2 here; the common
 advice, and ``num_workers=0`` would put decoding and augmentation on the training thread instead of beside
@@ -31,7 +34,7 @@ Run (from the project root)::
 
 ``--data`` is the CIFAR-10 image folder (``train/<class>/*.jpg``) or its .tar.gz archive, extracted to a
 temporary directory (default: ../shared/data/cifar10-jpeg.tar.gz relative to the project root).
-``--max-batches`` caps the batches timed per epoch; on CPU it defaults to 20 for every model except
+``--max-batches`` caps the batches timed per epoch; on CPU it defaults to 10 for every model except
 small_cnn (a PreAct-ResNet18 epoch takes minutes on 2 cores), which is why ms/image is reported.
 """
 from __future__ import annotations
@@ -55,6 +58,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 from kernel.models import create_model  # noqa: E402
 from kernel.train import TrainConfig, fit  # noqa: E402
 
+KERNEL = "kernel (uint8 tensor, augment in torch)"
 OPT = dict(momentum=0.9, weight_decay=5e-4, nesterov=True)  # kernel.train.TrainConfig's defaults
 LR = 0.01
 
@@ -88,42 +92,59 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_kernel(name: str, x: torch.Tensor, y: torch.Tensor, args, device) -> list[float]:
-    """Seconds of each timed epoch of kernel.train.fit (its own per-epoch clock, which ends with a sync)."""
-    torch.manual_seed(0)
-    model = create_model(name, 10)
-    cfg = TrainConfig(epochs=1 + args.epochs, batch_size=args.batch_size, lr=LR, schedule="constant", **OPT)
-    history = fit(model, x, y, cfg, seed=0, device=device)
-    return [h["seconds"] for h in history[1:]]  # epoch 0 is the warm-up
+class KernelPipeline:
+    """(a): kernel.train.fit, one epoch per call (fit's own per-epoch clock, which ends with a sync)."""
+
+    def __init__(self, name: str, x: torch.Tensor, y: torch.Tensor, args, device):
+        torch.manual_seed(0)
+        self.model, self.x, self.y, self.device = create_model(name, 10), x, y, device
+        self.cfg = TrainConfig(epochs=1, batch_size=args.batch_size, lr=LR, schedule="constant", **OPT)
+
+    def epoch(self, seed: int) -> float:
+        return fit(self.model, self.x, self.y, self.cfg, seed=seed, device=self.device)[0]["seconds"]
 
 
-def time_torchvision(name: str, dataset, args, device, max_batches: int | None) -> list[float]:
-    from torch.utils.data import DataLoader
+class LoaderPipeline:
+    """(b): DataLoader + per-image torchvision transforms + the textbook training loop."""
 
-    torch.manual_seed(0)
-    model = create_model(name, 10).to(device)
-    if device.type == "cuda":  # what the kernel does on GPU too, so only the input pipeline differs
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=LR, **OPT)
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                        persistent_workers=args.workers > 0, pin_memory=device.type == "cuda")
-    times = []
-    for epoch in range(1 + args.epochs):
+    def __init__(self, name: str, dataset, args, device, max_batches: int | None):
+        from torch.utils.data import DataLoader
+
+        torch.manual_seed(0)
+        self.model = create_model(name, 10).to(device)  # channels_last, as the kernel gets it
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=LR, **OPT)
+        self.loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                                 persistent_workers=args.workers > 0, pin_memory=device.type == "cuda")
+        self.device, self.max_batches = device, max_batches
+
+    def epoch(self, seed: int) -> float:  # noqa: ARG002 - the DataLoader shuffles with the global RNG
+        model, opt, dev = self.model, self.opt, self.device
         model.train()
-        sync(device)
+        sync(dev)
         t0 = time.perf_counter()
-        for i, (xb, yb) in enumerate(loader):
-            if max_batches is not None and i >= max_batches:
+        for i, (xb, yb) in enumerate(self.loader):
+            if self.max_batches is not None and i >= self.max_batches:
                 break
-            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
                 loss = F.cross_entropy(model(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        sync(device)
-        if epoch:
-            times.append(time.perf_counter() - t0)
+        sync(dev)
+        return time.perf_counter() - t0
+
+
+def time_pipelines(pipes: dict, epochs: int) -> dict[str, list[float]]:
+    """One untimed warm-up epoch each, then timed epochs *interleaved* (in a rotating order), so that
+    load from other processes on a shared machine falls on all pipelines alike."""
+    for pipe in pipes.values():
+        pipe.epoch(0)
+    times = {label: [] for label in pipes}
+    labels = list(pipes)
+    for r in range(epochs):
+        for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+            times[label].append(pipes[label].epoch(1 + r))
     return times
 
 
@@ -149,7 +170,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--max-batches", type=int, default=None,
-                   help="batches timed per epoch (default on CPU: all for small_cnn, 20 for other models)")
+                   help="batches timed per epoch (default on CPU: all for small_cnn, 10 for other models)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: #cores on CPU, 4 on CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = p.parse_args()
@@ -183,24 +204,27 @@ def main() -> None:
         for name in args.models:
             cap = args.max_batches
             if cap is None and device.type == "cpu" and name != "small_cnn":
-                cap = 20
+                cap = 10
             n_img = len(idx) if cap is None else min(len(idx), cap * args.batch_size)
             print(f"timing {name} on {n_img} images/epoch ...", flush=True)
             sub = torch.randperm(len(idx), generator=torch.Generator().manual_seed(0))[:n_img]  # all classes
-            k = time_kernel(name, x[sub], y[sub], args, device)
-            results = {"kernel (uint8 on device)": k,
-                       "torchvision ImageFolder (JPEG from disk)": time_torchvision(name, by_disk, args, device, cap),
-                       "torchvision PIL in memory": time_torchvision(name, in_memory, args, device, cap)}
-            for pipe, ts in results.items():
-                s = sum(ts) / len(ts)
-                rows.append((name, pipe, s, n_img / s, 1000 * s / n_img))
-            mean = {pipe: sum(ts) / len(ts) for pipe, ts in results.items()}
-            baseline = min(s for pipe, s in mean.items() if pipe.startswith("torchvision"))
-            speedups.append((name, baseline / mean["kernel (uint8 on device)"]))
+            load0 = os.getloadavg()[0]
+            times = time_pipelines({
+                KERNEL: KernelPipeline(name, x[sub], y[sub], args, device),
+                "torchvision ImageFolder (JPEG from disk)": LoaderPipeline(name, by_disk, args, device, cap),
+                "torchvision PIL in memory": LoaderPipeline(name, in_memory, args, device, cap),
+            }, args.epochs)
+            print(f"  1-min load average {load0:.1f} -> {os.getloadavg()[0]:.1f} (this machine has "
+                  f"{os.cpu_count()} cores; other processes' load slows every pipeline)", flush=True)
+            mean = {pipe: sum(ts) / len(ts) for pipe, ts in times.items()}
+            for pipe, ts in times.items():
+                rows.append((name, pipe, mean[pipe], min(ts), n_img / mean[pipe], 1000 * mean[pipe] / n_img))
+            baseline = min(v for pipe, v in mean.items() if pipe != KERNEL)
+            speedups.append((name, baseline / mean[KERNEL]))
 
-    print(f"\n{'model':<16} {'pipeline':<42} {'s/epoch':>8} {'img/s':>8} {'ms/img':>8}")
-    for name, pipe, s, ips, ms in rows:
-        print(f"{name:<16} {pipe:<42} {s:8.2f} {ips:8.0f} {ms:8.2f}")
+    print(f"\n{'model':<16} {'pipeline':<42} {'s/epoch':>8} {'(min)':>7} {'img/s':>7} {'ms/img':>7}")
+    for name, pipe, s, smin, ips, ms in rows:
+        print(f"{name:<16} {pipe:<42} {s:8.2f} {smin:7.2f} {ips:7.0f} {ms:7.2f}")
     print()
     for name, sp in speedups:
         print(f"kernel speed-up {name}: {sp:.2f}× (vs the faster torchvision pipeline)")

@@ -4,7 +4,9 @@ Design (after airbench94):
 - The whole split lives on the device as uint8; each batch is converted to float and augmented *there*
   (random crop with padding + horizontal flip as two batched tensor ops). No DataLoader, no worker
   processes, no PIL: on a 2-core CPU the input pipeline otherwise costs as much as the model.
-- Mixed precision (bf16 autocast) and channels_last on GPU; plain fp32 on CPU, where bf16 is often slower.
+- Mixed precision (bf16 autocast) on GPU, and on CPUs with native bf16 (AVX512-BF16/AMX), where it made a
+  small_cnn step 1.6x faster on the 2-core AMD EPYC dev machine; fp32 on other CPUs, where bf16 is
+  emulated and slower. ``TrainConfig.precision`` overrides the choice. channels_last everywhere.
 - Everything random (shuffling, augmentation) is drawn from one seeded generator, so a run is
   reproducible for a seed on a given device.
 - Callers customise *what* is minimised through ``loss_fn`` (ABL's LGA, unlearning, ...) and observe
@@ -36,6 +38,8 @@ class TrainConfig:
     augment: bool = True  # random crop (pad 4) + horizontal flip, the CIFAR standard
     crop_pad: int = 4
     label_smoothing: float = 0.0
+    # 'auto': bf16 autocast where the hardware computes bf16 natively (see mixed_precision), else fp32.
+    precision: str = "auto"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -60,25 +64,56 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, pad: int = 4, flip: bool = True) -> torch.Tensor:
-    """Random crop with zero padding and random horizontal flip for a whole batch in one gather."""
+    """Random crop with zero padding and random horizontal flip for a whole batch.
+
+    Two ``gather`` calls (rows, then columns with the flip folded into the column index): 2.4x faster on
+    CPU than one four-index advanced-indexing gather followed by a separate flip.
+    """
     b, c, h, w = x.shape
     dev = x.device
-    if pad:
-        xp = F.pad(x, (pad, pad, pad, pad))
-        dy = torch.randint(0, 2 * pad + 1, (b,), device=dev, generator=gen)
-        dx = torch.randint(0, 2 * pad + 1, (b,), device=dev, generator=gen)
-        rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
-        cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]
-        x = xp[torch.arange(b, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None], rows, cols]
+    cols = torch.arange(w, device=dev).expand(b, w)
     if flip:
-        mask = torch.rand(b, device=dev, generator=gen) < 0.5
-        x = torch.where(mask[:, None, None, None], x.flip(3), x)
-    return x
+        mirrored = torch.rand(b, device=dev, generator=gen) < 0.5
+        cols = torch.where(mirrored[:, None], cols.flip(1), cols)
+    if not pad:
+        return x.gather(3, cols.view(b, 1, 1, w).expand(b, c, h, w)) if flip else x
+    xp = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b,), device=dev, generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (b,), device=dev, generator=gen)
+    rows = (dy[:, None] + torch.arange(h, device=dev)).view(b, 1, h, 1).expand(b, c, h, w + 2 * pad)
+    cols = (dx[:, None] + cols).view(b, 1, 1, w).expand(b, c, h, w)
+    return xp.gather(2, rows).gather(3, cols)
 
 
-def _autocast(device: torch.device):
-    # bf16 needs no loss scaling; on CPU we stay in fp32 (bf16 matmuls are slow on many CPUs).
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+def mixed_precision(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype for ``device`` (None: plain fp32).
+
+    'auto' picks bf16 on CUDA GPUs that support it and on CPUs that compute bf16 natively (oneDNN's
+    check for AVX512-BF16/AMX); bf16 needs no loss scaling. 'fp32' and 'bf16' force the choice.
+    """
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision != "auto":
+        raise ValueError(f"unknown precision {precision!r} (auto, fp32, bf16)")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None  # fp16 would need loss scaling
+    if device.type == "cpu" and _cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # private API: if it moves, fall back to fp32
+        return False
+
+
+def _autocast(device: torch.device, precision: str = "auto"):
+    dtype = mixed_precision(device, precision)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def batches(n: int, batch_size: int, gen: torch.Generator | None, device: torch.device) -> Iterator[torch.Tensor]:
@@ -131,9 +166,7 @@ def fit(
     import time
 
     device = device or default_device()
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    model.to(device=device, memory_format=torch.channels_last)  # oneDNN's and cuDNN's native layout
     x, y = x.to(device), y.to(device)
     gen = make_generator(seed, device)
     if loss_fn is None:
@@ -153,12 +186,11 @@ def fit(
         for idx in batches(n, cfg.batch_size, gen, device):
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * lr_factor(cfg, step, total)
-            xb = to_float(x[idx])
-            if cfg.augment:
+            xb = x[idx]
+            if cfg.augment:  # on the uint8 batch: a quarter of the bytes to move
                 xb = augment(xb, gen, cfg.crop_pad)
-            if device.type == "cuda":
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            with _autocast(device):
+            xb = to_float(xb).contiguous(memory_format=torch.channels_last)
+            with _autocast(device, cfg.precision):
                 loss = loss_fn(model(xb), y[idx], idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -68,7 +68,10 @@ class TrainSpec(_Strict):
     schedule: Optional[typing.Literal["onecycle", "cosine", "constant"]] = None
     warmup: Optional[float] = Field(None, gt=0, lt=1)
     augment: Optional[bool] = None
+    crop_pad: Optional[int] = Field(None, ge=0)
     label_smoothing: Optional[float] = Field(None, ge=0, lt=1)
+    precision: Optional[typing.Literal["auto", "fp32", "bf16"]] = Field(
+        None, description="autocast dtype; 'auto' = bf16 where the GPU or CPU computes it natively")
 
 
 class Resources(_Strict):

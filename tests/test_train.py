@@ -1,0 +1,72 @@
+"""The training kernel: batched augmentation, precision choice, seeding, divergence detection."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernel.models import create_model
+from kernel.train import TrainConfig, TrainingDiverged, augment, fit, make_generator, mixed_precision
+
+
+def _candidates(img: torch.Tensor, pad: int) -> list[torch.Tensor]:
+    """Every crop of the zero-padded image, flipped and not."""
+    h, w = img.shape[-2:]
+    padded = F.pad(img, (pad, pad, pad, pad))
+    crops = [padded[:, dy:dy + h, dx:dx + w] for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)]
+    return crops + [c.flip(-1) for c in crops]
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_augment_returns_a_crop_or_flipped_crop_of_each_image(dtype):
+    x = torch.randint(0, 256, (16, 3, 8, 8)).to(dtype)
+    out = augment(x, make_generator(0, torch.device("cpu")), pad=2)
+    assert out.shape == x.shape and out.dtype == dtype
+    for img, o in zip(x, out):
+        assert any(torch.equal(o, c) for c in _candidates(img, 2))
+
+
+def test_augment_varies_over_the_batch_and_is_seeded():
+    x = torch.arange(64 * 3 * 8 * 8, dtype=torch.float32).view(64, 3, 8, 8)
+    a = augment(x, make_generator(1, torch.device("cpu")), pad=2)
+    b = augment(x, make_generator(1, torch.device("cpu")), pad=2)
+    assert torch.equal(a, b)
+    shifted = [not torch.equal(o, img) for img, o in zip(x, a)]
+    assert 40 < sum(shifted) < 64  # 1 in 50 images keeps offset (2, 2) unflipped
+    flipped_only = augment(x, make_generator(1, torch.device("cpu")), pad=0)
+    n_flipped = sum(torch.equal(o, img.flip(-1)) for img, o in zip(x, flipped_only))
+    n_same = sum(torch.equal(o, img) for img, o in zip(x, flipped_only))
+    assert n_flipped + n_same == 64 and 15 < n_flipped < 49
+
+
+def test_precision_choice():
+    cpu = torch.device("cpu")
+    assert mixed_precision(cpu, "fp32") is None
+    assert mixed_precision(cpu, "bf16") is torch.bfloat16
+    assert mixed_precision(cpu, "auto") in (None, torch.bfloat16)
+    with pytest.raises(ValueError, match="precision"):
+        mixed_precision(cpu, "fp8")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fit_learns_and_is_reproducible(precision):
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(200) % 2
+    x = torch.rand(200, 3, 16, 16, generator=gen) * 0.5
+    x[y == 1, 0] += 0.5  # class 1: red channel brighter, learnable in a few epochs
+    cfg = TrainConfig(epochs=6, batch_size=32, lr=0.05, augment=False, precision=precision)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = create_model("small_cnn", 2)
+        hist = fit(model, x, y, cfg, seed=3, device=torch.device("cpu"))
+        runs.append((hist, model.state_dict()))
+    (h1, s1), (h2, s2) = runs
+    assert h1[-1]["loss"] < 0.5 * h1[0]["loss"]
+    assert [r["loss"] for r in h1] == [r["loss"] for r in h2]
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+def test_fit_raises_on_divergence():
+    x, y = torch.rand(64, 3, 8, 8), torch.arange(64) % 4
+    cfg = TrainConfig(epochs=2, batch_size=16, precision="fp32")
+    with pytest.raises(TrainingDiverged):
+        fit(create_model("small_cnn", 4), x, y, cfg, loss_fn=lambda z, t, i: z.sum() * float("nan"))
