@@ -72,6 +72,12 @@ class DefenseContext:
     evaluate: Optional[Callable[[nn.Module], dict]] = None  # CA/ASR/RA of a model, for curves
     history: list = field(default_factory=list)  # per-step records, logged as MLflow metric steps
     artifacts: dict = field(default_factory=dict)  # name -> image tensor (C, H, W) or (N, C, H, W)
+    # Values of the defense's declared ``outputs`` columns (see Defense.outputs), copied into the row.
+    outputs: dict = field(default_factory=dict)
+    # Scores a set of training indices the defense flags as poisoned against the engine's ground truth,
+    # -> {'precision': .., 'recall': ..}. The defense sees only the scores, never which samples were
+    # poisoned, so the truth cannot leak into what it does.
+    score_isolation: Optional[Callable[[torch.Tensor], dict]] = None
 
     def log(self, step: int, **metrics: float) -> None:
         self.history.append({"step": step, **metrics})
@@ -81,6 +87,9 @@ class Defense:
     name: ClassVar[str]
     Params: ClassVar[type[DefenseParams]] = DefenseParams
     needs_backdoored_model: ClassVar[bool] = True  # False for defenses that train from the poisoned data
+    # Extra result columns this defense reports through ``ctx.outputs``: name -> 'float' | 'int' | 'str' |
+    # 'bool'. They become typed Parquet columns (null for other defenses' rows) and MLflow metrics/params.
+    outputs: ClassVar[dict[str, str]] = {}
 
     def __init__(self, params: DefenseParams):
         self.params = params

@@ -20,6 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from defenses import DEFENSES
 from sweep.spec import Trial
 
 BASE_COLUMNS = {
@@ -31,6 +32,9 @@ BASE_COLUMNS = {
     "attack_cached": pa.bool_(), "started_at": pa.string(), "finished_at": pa.string(), "host": pa.string(),
     "device": pa.string(),
 }
+
+
+_OUTPUT_TYPES = {"float": pa.float64(), "int": pa.int64(), "str": pa.string(), "bool": pa.bool_()}
 
 
 def _kind(values: list) -> pa.DataType:
@@ -71,7 +75,11 @@ def schema_for(trials: list[Trial], results_dir: str | Path | None = None) -> pa
             for k, v in params.items():
                 values.setdefault(prefix + k, []).append(v)
     params = {k: _kind(v) for k, v in sorted(values.items())}
-    schema = pa.schema([*BASE_COLUMNS.items(), *params.items()])
+    outputs = {}
+    for name in sorted({t.defense.name for t in trials}):
+        for col, kind in DEFENSES.get(name).outputs.items():
+            outputs[col] = _merge_type(outputs[col], _OUTPUT_TYPES[kind]) if col in outputs else _OUTPUT_TYPES[kind]
+    schema = pa.schema([*BASE_COLUMNS.items(), *outputs.items(), *params.items()])
     existing = [pq.read_schema(p) for p in _parts(Path(results_dir))] if results_dir else []
     return _unified([schema, *existing]) if existing else schema
 

@@ -20,6 +20,7 @@ os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no migration chatter
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # clusters are often offline; never phone home
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # one "View run" line per trial otherwise
 
+from defenses import DEFENSES  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
@@ -83,12 +84,16 @@ class Tracker:
             return
         tags = {k: str(row[k]) for k in TAGS if row.get(k) is not None}
         tags.update({ROLE: "trial", "mlflow.parentRunId": self.parent})
+        outputs = DEFENSES.get(row["defense"]).outputs  # defense-specific result columns
+        numeric_outputs = [k for k, kind in outputs.items() if kind in ("float", "int")]
+        tags.update({k: str(row[k]) for k in outputs if k not in numeric_outputs and row.get(k) is not None})
         name = f"{row['attack']}/{row['defense']}/seed{row['seed']}/{row['trial_id'][:6]}"
         run_id = self.client.create_run(self.exp_id, run_name=name, tags=tags).info.run_id
         now = int(time.time() * 1000)
         params = [Param(k, str(v)) for k, v in row.items() if k.startswith(PARAM_PREFIXES) and v is not None]
         params += [Param(k, str(row[k])) for k in ("dataset", "model", "seed")]
         metrics = [Metric(k, float(row[k]), now, 0) for k in METRICS if _finite(row.get(k))]
+        metrics += [Metric(k, float(row[k]), now, 0) for k in numeric_outputs if _finite(row.get(k))]
         for phase, records in (curves or {}).items():
             for i, rec in enumerate(records):
                 step = int(rec.get("epoch", rec.get("step", i)))

@@ -135,6 +135,14 @@ def _run(trial: Trial, store: Store, root, download, device, out: Outcome) -> No
 
     ctx = DefenseContext(info=info, train_cfg=TrainConfig(**trial.train), seed=seed, device=device,
                          poisoned_train=poisoned.train, new_model=new_model, evaluate=curve_metrics)
+    truth = torch.zeros(len(ds.train), dtype=torch.bool)
+    truth[poisoned.indices] = True
+
+    def score_isolation(flagged: torch.Tensor) -> dict:
+        hits = int(truth[flagged.cpu()].sum())
+        return {"precision": hits / max(1, len(flagged)), "recall": hits / max(1, int(truth.sum()))}
+
+    ctx.score_isolation = score_isolation
     if dcls.uses_clean_set():
         ctx.clean = draw_clean_set(ds.train, poisoned.indices, defense.params.clean_size, seed, info.num_classes)
     t0 = time.perf_counter()
@@ -144,3 +152,7 @@ def _run(trial: Trial, store: Store, root, download, device, out: Outcome) -> No
     if ctx.history:
         out.curves["defense"] = ctx.history
     out.artifacts.update(ctx.artifacts)
+    unknown = set(ctx.outputs) - set(dcls.outputs)
+    if unknown:
+        raise RuntimeError(f"defense {dcls.name} reported undeclared outputs {sorted(unknown)}")
+    row.update(ctx.outputs)
