@@ -80,15 +80,25 @@ def validate(spec_path):
 
 @main.command()
 @click.argument("results_dir", metavar="RESULTS", type=click.Path(exists=True, file_okay=False))
-@click.option("--metric", "metrics", multiple=True, default=("clean_acc", "asr"),
-              type=click.Choice(["clean_acc", "asr", "robust_acc"]), show_default=True)
-def report(results_dir, metrics):
-    """Print the attack × defense table (mean ± std over seeds, in %)."""
-    from sweep.report import table, to_markdown
+@click.option("--metric", "metrics", multiple=True, default=None,
+              type=click.Choice(["clean_acc", "asr", "robust_acc", "der"]),
+              help="metrics to tabulate (default: CA and ASR printed; CA, ASR, RA and DER in files)")
+@click.option("--format", "fmt", type=click.Choice(["md", "html", "csv"]), default=None,
+              help="write a report file with tables and plots instead of printing the table")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="report file (default: RESULTS/report/report.FORMAT; figures beside it for md/csv)")
+@click.option("--mlflow-uri", default=None, help="where the trials' trigger images are (default: RESULTS' store)")
+def report(results_dir, metrics, fmt, out, mlflow_uri):
+    """The attack × defense tables (mean ± std over seeds, in %): printed, or as an md/html/csv report."""
+    from sweep.report import table, to_markdown, write_report
     from sweep.results import load
 
+    if fmt:
+        path = write_report(results_dir, fmt, out, mlflow_uri, metrics or ("clean_acc", "asr", "robust_acc", "der"))
+        click.echo(f"report written to {path}")
+        return
     df = load(results_dir)
-    click.echo(to_markdown(table(df, metrics)))
+    click.echo(to_markdown(table(df, metrics or ("clean_acc", "asr"))))
     failed = int((df.status != "ok").sum())
     if failed:
         click.echo(f"\n{failed} failed trial(s); see the 'error' column of the results.")

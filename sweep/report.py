@@ -2,12 +2,34 @@
 
 A variant is labelled by its name and the parameters that vary across the sweep for that name, e.g.
 ``badnets(poison_rate=0.05)`` or ``finetune(clean_size=100)``; parameters at one value are left out.
+
+DER (defense effectiveness rating, BackdoorBench's definition with its sign error fixed) is computed per
+trial from the row's own before/after figures: (max(0, ΔASR) − max(0, ΔCA) + 1) / 2 with Δ = before −
+after; 1 is a perfect defense, 0.5 one that changes nothing.
 """
 from __future__ import annotations
 
 import pandas as pd
 
-METRIC_NAMES = {"clean_acc": "CA", "asr": "ASR", "robust_acc": "RA"}
+from kernel.metrics import der
+
+METRIC_NAMES = {"clean_acc": "CA", "asr": "ASR", "robust_acc": "RA", "der": "DER"}
+
+
+def with_der(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with a ``der`` column (null where a row lacks its before-defense figures)."""
+    cols = ["attack_asr", "asr", "attack_clean_acc", "clean_acc"]
+    ok = df[cols].notna().all(axis=1)
+    vals = [der(*map(float, r)) if k else None for k, r in zip(ok, df[cols].itertuples(index=False))]
+    return df.assign(der=pd.array(vals, dtype="Float64"))
+
+
+def ordered(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows in the tables' order: the 'none' references first, then by name and parameters."""
+    keys = sorted(c for c in df.columns if c.startswith(("attack.", "defense.")))
+    return (df.assign(_a=df.attack != "none", _d=df.defense != "none")
+              .sort_values(["_a", "attack", "_d", "defense", *keys], kind="stable")
+              .drop(columns=["_a", "_d"]))
 
 
 def variant_labels(df: pd.DataFrame, kind: str) -> pd.Series:
@@ -22,24 +44,26 @@ def variant_labels(df: pd.DataFrame, kind: str) -> pd.Series:
     return labels
 
 
-def _fmt(mean: float, std: float) -> str:
+def _fmt(mean: float, std: float, scale: float = 100, digits: int = 1) -> str:
     if pd.isna(mean):
         return "–"
-    return f"{100 * mean:.1f}" if pd.isna(std) else f"{100 * mean:.1f} ± {100 * std:.1f}"
+    m = f"{scale * mean:.{digits}f}"
+    return m if pd.isna(std) else f"{m} ± {scale * std:.{digits}f}"
+
+
+def _fmt_metric(m: str, mean: float, std: float) -> str:
+    return _fmt(mean, std, 1, 3) if m == "der" else _fmt(mean, std)
 
 
 def summary(df: pd.DataFrame, metrics=("clean_acc", "asr")) -> pd.DataFrame:
     """Mean and std over seeds per (attack variant, defense variant) of successful trials."""
-    # Rows and columns in a stable order: the 'none' reference first, then by name and parameters.
-    ok = df[df.status == "ok"].copy()
-    ok = ok.assign(_a=ok.attack != "none", _d=ok.defense != "none").sort_values(
-        ["_a", "attack", "_d", "defense", *sorted(c for c in ok.columns if c.startswith(("attack.", "defense.")))],
-        kind="stable").drop(columns=["_a", "_d"])
+    ok = ordered(df[df.status == "ok"])
+    if "der" in metrics and "der" not in ok.columns:
+        ok = with_der(ok)
     ok["attack_variant"] = variant_labels(ok, "attack")
     ok["defense_variant"] = variant_labels(ok, "defense")
     g = ok.groupby(["attack_variant", "defense_variant"], sort=False)[list(metrics)]
-    out = g.agg(["mean", "std", "count"])
-    return out
+    return g.agg(["mean", "std", "count"])
 
 
 def table(df: pd.DataFrame, metrics=("clean_acc", "asr")) -> pd.DataFrame:
@@ -48,13 +72,13 @@ def table(df: pd.DataFrame, metrics=("clean_acc", "asr")) -> pd.DataFrame:
     cells = {}
     for (att, dfn), r in s.iterrows():
         for m in metrics:
-            cells.setdefault((dfn, METRIC_NAMES[m]), {})[att] = _fmt(r[(m, "mean")], r[(m, "std")])
+            cells.setdefault((dfn, METRIC_NAMES[m]), {})[att] = _fmt_metric(m, r[(m, "mean")], r[(m, "std")])
     t = pd.DataFrame(cells)
     means = s.xs("mean", axis=1, level=1)
     avg = means.groupby(level="defense_variant", sort=False).mean()  # over attack variants
     for dfn, r in avg.iterrows():
         for m in metrics:
-            t.loc["Average", (dfn, METRIC_NAMES[m])] = _fmt(r[m], float("nan"))
+            t.loc["Average", (dfn, METRIC_NAMES[m])] = _fmt_metric(m, r[m], float("nan"))
     t.index.name = "attack"
     return t.fillna("–")
 
@@ -65,3 +89,139 @@ def to_markdown(t: pd.DataFrame) -> str:
     for idx, r in t.iterrows():
         lines.append("| " + " | ".join([str(idx), *map(str, r.values)]) + " |")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Report files: tables + figures as Markdown, HTML or CSV
+
+
+def _tidy(df: pd.DataFrame, metrics) -> pd.DataFrame:
+    """The summary as a long table: attack_variant, defense_variant, metric, mean, std, n."""
+    s = summary(df, metrics)
+    rows = [(a, d, m, r[(m, "mean")], r[(m, "std")], r[(m, "count")]) for (a, d), r in s.iterrows() for m in metrics]
+    return pd.DataFrame(rows, columns=["attack_variant", "defense_variant", "metric", "mean", "std", "n"])
+
+
+def trigger_images(df: pd.DataFrame, uri: str, limit: int = 24) -> list[tuple[str, "object"]]:
+    """Recovered triggers logged to MLflow by the sweep's trials: one per (attack, defense) variant."""
+    import tempfile
+
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    ok = ordered(df[df.status == "ok"])
+    if ok.empty:
+        return []
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(str(ok.sweep.iloc[0]))
+    if exp is None:
+        return []
+    runs, token = {}, None
+    while True:
+        page = client.search_runs([exp.experiment_id], "tags.`bdsweep.role` = 'trial'", max_results=5000, page_token=token)
+        runs.update({r.data.tags.get("trial_id"): r.info.run_id for r in page})
+        token = page.token
+        if not token:
+            break
+    ok = ok.assign(_a=variant_labels(ok, "attack"), _d=variant_labels(ok, "defense"))
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for (a, d), g in ok.groupby(["_a", "_d"], sort=False):
+            run = next((runs[t] for t in g.trial_id if t in runs), None)
+            if run is None:
+                continue
+            for art in client.list_artifacts(run):
+                if art.path.endswith(".png"):
+                    local = client.download_artifacts(run, art.path, tmp)
+                    out.append((f"{a} / {d}\n{art.path[:-4]}", np.asarray(Image.open(local).convert("RGB"))))
+            if len(out) >= limit:
+                break
+    return out[:limit]
+
+
+def write_report(results_dir, fmt: str = "html", out=None, mlflow_uri: str | None = None,
+                 metrics=("clean_acc", "asr", "robust_acc", "der"), log_to_mlflow: bool = True):
+    """Write the report of ``results_dir`` as ``fmt`` (md, html or csv); returns the main file's path.
+
+    Tables: one attack × defense table per metric (mean ± std over seeds, an Average row). Figures: each
+    swept hyperparameter against ASR and CA, the CA-vs-ASR trade-off, and the recovered triggers found
+    in MLflow. HTML embeds the figures; md and csv write them as PNGs beside the main file. The main file
+    is also attached to the sweep's parent MLflow run (``log_to_mlflow``).
+    """
+    import base64
+    import io
+    from pathlib import Path
+
+    from sweep import plots
+    from sweep.results import load
+    from sweep.tracking import default_uri
+
+    if fmt not in ("md", "html", "csv"):
+        raise ValueError(f"unknown report format {fmt!r} (md, html, csv)")
+    results_dir = Path(results_dir)
+    df = with_der(load(results_dir))
+    uri = mlflow_uri or default_uri(results_dir)
+    main = Path(out) if out else results_dir / "report" / f"report.{fmt}"
+    main.parent.mkdir(parents=True, exist_ok=True)
+    sweep_name = str(df.sweep.iloc[0]) if len(df) else "sweep"
+
+    figures = {f"vs_{p.replace('.', '_')}": plots.metric_vs_param(df, p) for p in plots.swept_params(df)}
+    if (df.status == "ok").any():
+        figures["tradeoff"] = plots.tradeoff(df)
+    local_store = uri.startswith("sqlite:///") and Path(uri[len("sqlite:///"):]).exists()
+    images = trigger_images(df, uri) if (local_store or not uri.startswith("sqlite")) else []
+    if images:
+        figures["triggers"] = plots.image_grid(images)
+    pngs = {}
+    for name, fig in figures.items():
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+        plots.plt.close(fig)
+        pngs[name] = buf.getvalue()
+
+    tables = {m: table(df, (m,)) for m in metrics}
+    n_ok, n_failed = int((df.status == "ok").sum()), int((df.status != "ok").sum())
+    head = f"Sweep {sweep_name}: {n_ok} trials ok, {n_failed} failed. Cells: mean ± std over seeds (%; DER in [0, 1])."
+    if fmt == "csv":
+        _tidy(df, metrics).to_csv(main, index=False)
+    if fmt in ("md", "csv"):
+        for name, data in pngs.items():
+            (main.parent / f"{name}.png").write_bytes(data)
+    if fmt == "md":
+        parts = [f"# {sweep_name}", "", head, ""]
+        for m, t in tables.items():
+            parts += [f"## {METRIC_NAMES[m]}", "", to_markdown(t), ""]
+        parts += [f"![{name}]({name}.png)\n" for name in pngs]
+        main.write_text("\n".join(parts))
+    if fmt == "html":
+        import html
+
+        parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(sweep_name)}</title>",
+                 "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:1.5em}"
+                 "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}</style>",
+                 f"</head><body><h1>{html.escape(sweep_name)}</h1><p>{html.escape(head)}</p>"]
+        for m, t in tables.items():
+            flat = t.copy()
+            flat.columns = [d for d, _ in t.columns]
+            parts += [f"<h2>{METRIC_NAMES[m]}</h2>", flat.to_html(classes=f"metric-{m}", border=0)]
+        for name, data in pngs.items():
+            parts.append(f"<h2>{html.escape(name)}</h2><img alt='{name}' src='data:image/png;base64,"
+                         f"{base64.b64encode(data).decode()}'>")
+        parts.append("</body></html>")
+        main.write_text("\n".join(parts))
+    if log_to_mlflow and (local_store or not uri.startswith("sqlite")):
+        _attach_to_parent_run(uri, sweep_name, main)
+    return main
+
+
+def _attach_to_parent_run(uri: str, sweep_name: str, path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(sweep_name)
+    if exp is None:
+        return
+    parents = client.search_runs([exp.experiment_id], "tags.`bdsweep.role` = 'sweep'", max_results=1)
+    if parents:
+        client.log_artifact(parents[0].info.run_id, str(path), "report")

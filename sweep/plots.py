@@ -1,0 +1,105 @@
+"""Figures of a sweep's results (matplotlib, Agg backend: no display needed on a cluster head node).
+
+- :func:`metric_vs_param`: ASR and CA against one swept hyperparameter (clean-set size down to
+  ``one_shot``, γ, turning epoch, isolation rate, poison rate, ...), one line per (attack, defense)
+  variant, mean over seeds with a ± std band.
+- :func:`tradeoff`: CA against ASR per defense, with the backdoored models before any defense: the
+  points toward the top left are the defenses that remove the backdoor and keep the model.
+- :func:`image_grid`: recovered triggers / perturbations, one panel per trial, labelled.
+
+Each returns a ``matplotlib.figure.Figure``; the caller saves or embeds it.
+"""
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: reports are made on servers
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from sweep.report import METRIC_NAMES, ordered, variant_labels  # noqa: E402
+
+
+def swept_params(df: pd.DataFrame) -> list[str]:
+    """Hyperparameter columns (attack.* / defense.*) that take more than one value among successful rows."""
+    ok = df[df.status == "ok"]
+    return [c for c in df.columns if c.startswith(("attack.", "defense.")) and ok[c].nunique(dropna=True) > 1]
+
+
+def _sort_key(v):
+    """Order swept values numerically where they are numbers; 'one_shot' (one image per class) first."""
+    if v == "one_shot":
+        return (0, 0.0, "")
+    try:
+        return (1, float(v), "")
+    except (TypeError, ValueError):
+        return (2, 0.0, str(v))
+
+
+def metric_vs_param(df: pd.DataFrame, param: str, metrics=("asr", "clean_acc")) -> plt.Figure:
+    """One panel per metric; x: the values of ``param`` (evenly spaced, in order), y: mean ± std over seeds."""
+    kind = param.split(".", 1)[0]
+    ok = ordered(df[(df.status == "ok") & df[param].notna()])
+    # Lines are the variants *other than* this parameter: label them without it.
+    rest = ok.drop(columns=[param])
+    line = variant_labels(rest, "attack") + " / " + variant_labels(rest, "defense")
+    values = sorted(ok[param].unique(), key=_sort_key)
+    pos = {v: i for i, v in enumerate(values)}
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.8), squeeze=False)
+    for ax, m in zip(axes[0], metrics):
+        for name, g in ok.assign(_line=line).groupby("_line", sort=False):
+            s = g.groupby(param)[m].agg(["mean", "std"]).reindex([v for v in values if v in set(g[param])])
+            x = np.array([pos[v] for v in s.index])
+            mean, std = 100 * s["mean"].to_numpy(float), 100 * s["std"].fillna(0).to_numpy(float)
+            ax.plot(x, mean, marker="o", label=name)
+            ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+        ax.set_xticks(range(len(values)), [str(v) for v in values])
+        ax.set_xlabel(param)
+        ax.set_ylabel(f"{METRIC_NAMES[m]} (%)")
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{', '.join(METRIC_NAMES[m] for m in metrics)} vs {param} ({kind}; mean ± std over seeds)")
+    fig.tight_layout()
+    return fig
+
+
+def tradeoff(df: pd.DataFrame) -> plt.Figure:
+    """CA (y) against ASR (x): one marker per (attack variant, defense variant), colour per defense;
+    grey crosses are the backdoored models before the defense."""
+    ok = ordered(df[df.status == "ok"])
+    ok = ok.assign(_a=variant_labels(ok, "attack"), _d=variant_labels(ok, "defense"))
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    before = ok.dropna(subset=["attack_asr"]).groupby("_a")[["attack_asr", "attack_clean_acc"]].mean()
+    ax.scatter(100 * before.attack_asr, 100 * before.attack_clean_acc, marker="x", color="grey",
+               label="before defense")
+    for dfn, g in ok.groupby("defense", sort=False):
+        pts = g.groupby(["_a", "_d"], sort=False)[["asr", "clean_acc"]].mean()
+        ax.scatter(100 * pts.asr, 100 * pts.clean_acc, label=dfn, alpha=0.8)
+    ax.set_xlabel("ASR (%)  (lower is better)")
+    ax.set_ylabel("CA (%)  (higher is better)")
+    ax.set_xlim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Clean accuracy vs attack success, per defense")
+    fig.tight_layout()
+    return fig
+
+
+def image_grid(images: list[tuple[str, np.ndarray]], cols: int = 6) -> plt.Figure:
+    """Labelled panels of HWC images (uint8 or float in [0, 1])."""
+    n = max(1, len(images))
+    cols = min(cols, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (label, img) in zip(axes.flat, images):
+        ax.imshow(img, interpolation="nearest")
+        ax.set_title(label, fontsize=7)
+    fig.suptitle("Recovered triggers / perturbations")
+    fig.tight_layout()
+    return fig

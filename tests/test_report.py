@@ -1,0 +1,181 @@
+"""Reports and the MLflow UI, on a real small sweep (2 attacks × 3 defenses × 2 seeds, clean_size swept).
+
+The UI test starts `sweep ui` (a real MLflow server) on the sweep's store, finds the runs through MLflow's
+client over HTTP, and renders the experiment page in headless Chromium (Debian's `chromium`, driven by
+Playwright). Set BDSWEEP_UI_SCREENSHOT=path to keep the screenshot (docs/mlflow_ui.png was made so).
+"""
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from html.parser import HTMLParser
+
+import pandas as pd
+import pytest
+import yaml
+from pathlib import Path
+from click.testing import CliRunner
+
+from sweep.cli import main
+from sweep.report import with_der
+
+SPEC = {
+    "name": "reportsweep",
+    "dataset": {"name": "synthetic", "train_size": 600, "test_size": 200},
+    "model": "small_cnn",
+    "train": {"epochs": 2},
+    "seeds": [0, 1],
+    "attacks": [{"name": "badnets"}, {"name": "blend"}],
+    "defenses": [{"name": "none"}, {"name": "finetune", "clean_size": [50, 100], "epochs": 1},
+                 {"name": "ibau", "clean_size": 50, "rounds": 1}],
+}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    d = tmp_path_factory.mktemp("report")
+    (d / "spec.yaml").write_text(yaml.safe_dump(SPEC))
+    r = CliRunner().invoke(main, ["run", str(d / "spec.yaml"), "--results", str(d / "res"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    return d / "res"
+
+
+class _Tables(HTMLParser):
+    """The <table>s of an HTML page as lists of rows of cell texts, keyed by their CSS class."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self.imgs, self._cls, self._row, self._cell = {}, [], None, None, None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "table":
+            self._cls = next(c for c in a.get("class", "").split() if c.startswith("metric-"))
+            self.tables[self._cls] = []
+        elif tag == "tr" and self._cls:
+            self._row = []
+        elif tag in ("td", "th") and self._row is not None:
+            self._cell = ""
+        elif tag == "img":
+            self.imgs.append(a.get("alt"))
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self._row.append(self._cell.strip())
+            self._cell = None
+        elif tag == "tr" and self._row is not None:
+            self.tables[self._cls].append(self._row)
+            self._row = None
+        elif tag == "table":
+            self._cls = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+
+
+def test_html_report_numbers_match_pandas_on_the_parquet(results, tmp_path):
+    out = tmp_path / "r.html"
+    r = CliRunner().invoke(main, ["report", str(results), "--format", "html", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    page = _Tables()
+    page.feed(out.read_text())
+    # every plot is embedded: each swept hyperparameter, the trade-off, and the triggers I-BAU recovered
+    assert {"vs_defense_clean_size", "tradeoff", "triggers"} <= set(page.imgs)
+
+    df = with_der(pd.read_parquet(results / "trials"))
+    ok = df[df.status == "ok"]
+    assert len(ok) == 2 * 4 * 2
+    label = {50: "finetune(clean_size=50)", 100: "finetune(clean_size=100)"}
+    for metric, scale, digits in (("clean_acc", 100, 1), ("asr", 100, 1), ("robust_acc", 100, 1), ("der", 1, 3)):
+        rows = page.tables[f"metric-{metric}"]
+        header, body = rows[0], {r[0]: dict(zip(header[1:], r[1:])) for r in rows[1:]}
+        for (attack, defense, cs), g in ok.groupby(["attack", "defense", "defense.clean_size"], dropna=False):
+            col = label[int(cs)] if defense == "finetune" else defense
+            vals = g[metric].astype(float)
+            expect = f"{scale * vals.mean():.{digits}f} ± {scale * vals.std():.{digits}f}"
+            assert body[attack][col] == expect, (metric, attack, col)
+        # the Average row: mean over attacks of the per-attack means
+        means = ok[ok.defense == "none"].groupby("attack")[metric].mean().astype(float)
+        assert body["Average"]["none"] == f"{scale * means.mean():.{digits}f}"
+
+
+def test_md_and_csv_reports_write_figures_beside(results, tmp_path):
+    for fmt in ("md", "csv"):
+        out = tmp_path / fmt / f"report.{fmt}"
+        r = CliRunner().invoke(main, ["report", str(results), "--format", fmt, "--out", str(out)])
+        assert r.exit_code == 0, r.output
+        assert {"tradeoff.png", "vs_defense_clean_size.png", "triggers.png"} <= {p.name for p in out.parent.iterdir()}
+    md = (tmp_path / "md" / "report.md").read_text()
+    assert "## ASR" in md and "![tradeoff](tradeoff.png)" in md
+    tidy = pd.read_csv(tmp_path / "csv" / "report.csv")
+    assert set(tidy.metric) == {"clean_acc", "asr", "robust_acc", "der"}
+    assert (tidy.n == 2).all()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_ui_shows_the_sweep(results):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium); .ci/run installs it")
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    from mlflow.tracking import MlflowClient
+
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "sweep.cli", "ui", str(results), "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.stdout.read().decode()
+                time.sleep(1)
+        client = MlflowClient(tracking_uri=url)
+        exp = client.get_experiment_by_name("reportsweep")
+        parents = client.search_runs([exp.experiment_id], "tags.`bdsweep.role` = 'sweep'")
+        children = client.search_runs([exp.experiment_id], "tags.`bdsweep.role` = 'trial'", max_results=1000)
+        assert len(parents) == 1 and len(children) == 2 * 4 * 2
+        assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(f"{url}/#/experiments/{exp.experiment_id}", timeout=60_000)
+            # The experiment's name and its sweep's parent run are rendered by the React app from the API.
+            page.get_by_text("reportsweep").first.wait_for(timeout=60_000)
+            page.get_by_text(re.compile(r"badnets/none/seed0|reportsweep")).first.wait_for(timeout=60_000)
+            shot = os.environ.get("BDSWEEP_UI_SCREENSHOT")
+            if shot:
+                page.wait_for_timeout(2000)
+                page.screenshot(path=shot)
+            assert "reportsweep" in page.content()
+            browser.close()
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(10)
+
+
+def test_ui_binds_to_localhost_by_default():
+    r = CliRunner().invoke(main, ["ui", "--help"])
+    assert "default: 127.0.0.1" in r.output
+
+
+def test_example_script_rebuilds_the_table_from_parquet_alone(results):
+    script = Path(__file__).resolve().parents[1] / "examples" / "paper_table.py"
+    r = subprocess.run([sys.executable, str(script), str(results)], capture_output=True, text=True, check=True)
+    df = pd.read_parquet(results / "trials")
+    asr = df[(df.status == "ok") & (df.attack == "blend") & (df.defense == "none")].asr.astype(float)
+    blend = next(line for line in r.stdout.splitlines() if line.startswith("blend"))
+    assert f"{100 * asr.mean():.1f} ± {100 * asr.std():.1f}" in blend
