@@ -12,6 +12,7 @@ mix kinds (``target: 0`` and ``target: all``; ``clean_size: 100`` and ``one_shot
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from pathlib import Path
@@ -95,9 +96,11 @@ def _cell(v, typ: pa.DataType):
 
 
 class ResultsWriter:
-    def __init__(self, results_dir: str | Path, schema: pa.Schema, *, flush_rows: int = 256, flush_seconds: float = 10.0):
+    def __init__(self, results_dir: str | Path, schema: pa.Schema, *, flush_rows: int = 256, flush_seconds: float | None = None):
         self.dir = Path(results_dir) / "trials"
         self.dir.mkdir(parents=True, exist_ok=True)
+        if flush_seconds is None:  # rows reach disk at least this often (a killed driver loses no more)
+            flush_seconds = float(os.environ.get("BDSWEEP_FLUSH_SECONDS", 10))
         self.schema, self.flush_rows, self.flush_seconds = schema, flush_rows, flush_seconds
         self.run_id, self.parts, self.rows, self.last_flush = uuid.uuid4().hex[:8], 0, [], time.monotonic()
 

@@ -43,8 +43,8 @@ class Summary:
     seconds: float
 
 
-def _trainable(config, *, store_root: str, data_root, download: bool, threads: int):
-    """One trial inside a Ray worker."""
+def _trainable(config, *, store_root: str, data_root, download: bool, threads: int, body=None):
+    """One trial inside a Ray worker (``body``: what runs it, default sweep.trial.execute)."""
     import ray
     import torch
     from ray import tune
@@ -55,23 +55,27 @@ def _trainable(config, *, store_root: str, data_root, download: bool, threads: i
     torch.set_num_threads(threads)
     use_gpu = torch.cuda.is_available() and bool(ray.get_gpu_ids())
     trial = Trial.from_dict(config["trial"])
-    out = execute(trial, Store(store_root), root=data_root, download=download,
-                  device=torch.device("cuda" if use_gpu else "cpu"))
+    out = (body or execute)(trial, Store(store_root), root=data_root, download=download,
+                            device=torch.device("cuda" if use_gpu else "cpu"))
     arts = {k: v.detach().float().cpu().numpy() for k, v in out.artifacts.items()}
     tune.report({"row_json": json.dumps(out.row), "curves_json": json.dumps(out.curves), "artifacts": arts})
 
 
 def run_sweep(spec: SweepSpec, results_dir: str | Path, *, address: str | None = None,
               mlflow_uri: str | None = None, storage: str | None = None, retry_failed: bool = False,
-              max_concurrent: int | None = None, progress: bool = True) -> Summary:
-    """Run every trial of ``spec`` not yet in ``results_dir``. The spec is fully validated first."""
+              max_concurrent: int | None = None, progress: bool = True, body=None) -> Summary:
+    """Run every trial of ``spec`` not yet in ``results_dir``. The spec is fully validated first.
+
+    ``body`` replaces :func:`sweep.trial.execute` as what a trial does (same signature, a picklable
+    module-level function): benchmarks/sweep_overhead.py uses it to time the engine around a trivial body.
+    """
     t_start = time.monotonic()
     trials = expand(spec)  # raises SpecError before anything is written
     results_dir = Path(results_dir).resolve()
     store_root = storage or str(results_dir / "store")
     done = finished_trials(results_dir, include_failed=not retry_failed)
     todo = [t for t in trials if t.trial_id not in done]
-    if todo:
+    if todo and body is None:
         _prepare_data(spec, todo[0], results_dir, store_root)
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
@@ -85,7 +89,7 @@ def run_sweep(spec: SweepSpec, results_dir: str | Path, *, address: str | None =
     try:
         if todo:
             _tune(spec, todo, results_dir, sink, address=address, store_root=store_root,
-                  max_concurrent=max_concurrent or spec.max_concurrent)
+                  max_concurrent=max_concurrent or spec.max_concurrent, body=body)
     except BaseException:
         status = "KILLED"
         raise
@@ -113,7 +117,8 @@ def _prepare_data(spec: SweepSpec, trial: Trial, results_dir: Path, store_root: 
         trial_mod._DATA_MEMO.clear()  # the driver does not train: free the tensors
 
 
-def _tune(spec: SweepSpec, todo: list[Trial], results_dir: Path, sink, *, address, store_root, max_concurrent):
+def _tune(spec: SweepSpec, todo: list[Trial], results_dir: Path, sink, *, address, store_root, max_concurrent,
+          body=None):
     import ray
     from ray import tune
 
@@ -130,7 +135,7 @@ def _tune(spec: SweepSpec, todo: list[Trial], results_dir: Path, sink, *, addres
     res = spec.resources
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, store_root=store_root, data_root=spec.dataset.root,
-                             download=spec.dataset.download, threads=max(1, int(res.cpu))),
+                             download=spec.dataset.download, threads=max(1, int(res.cpu)), body=body),
         {"cpu": res.cpu, "gpu": res.gpu})
     tuner = tune.Tuner(
         trainable,
