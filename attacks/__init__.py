@@ -3,5 +3,6 @@ from kernel.registry import Registry
 
 ATTACKS: Registry = Registry("attack")
 
-from attacks import badnets, blend, none  # noqa: E402,F401  (registration side effects)
+from attacks import (  # noqa: E402,F401  (registration side effects)
+    badnets, blend, lf, multi_target, none, sig, trojan_sq, trojan_wm, wanet)
 from attacks.base import Attack, AttackParams, PoisonParams  # noqa: E402,F401

@@ -13,7 +13,7 @@ is validated against it, so an unknown or ill-typed parameter is refused before 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Union
 
 import torch
@@ -50,6 +50,10 @@ class Poisoned:
 
     train: Split
     indices: torch.Tensor  # int64 positions into train
+    # Positions whose image the attack altered *without* making them backdoor samples, labels kept
+    # (WaNet's noise-mode "cross" samples). Not in ``indices`` (they carry no backdoor), but not clean
+    # data either: a defender's clean set should not be drawn from them.
+    noise_indices: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
 
 
 class Attack:
