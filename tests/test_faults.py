@@ -26,6 +26,8 @@ def test_worker_node_lost_mid_sweep_every_trial_finishes_once(tmp_path):
 
     from sweep.testing import sleepy_body
 
+    if ray.is_initialized():  # an earlier test's local Ray
+        ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     worker = cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()

@@ -99,6 +99,8 @@ def test_ray_leases_serialise_builders_across_workers(tmp_path):
                 f.write(f"out {time.time()}\n")
 
     log = str(tmp_path / "log")
+    if ray.is_initialized():  # an earlier test's local Ray
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
         ray.get([hold.remote(log) for _ in range(3)])
