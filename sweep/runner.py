@@ -189,7 +189,7 @@ class _Sink(Callback):
         import torch
 
         for row, curves, arts in self.pending.values():
-            self.tracker.log(row, curves, {k: torch.as_tensor(v) for k, v in arts.items()})
+            self.tracker.log(row, curves, {k: torch.tensor(v) for k, v in arts.items()})  # a copy: Ray hands read-only arrays
         self.pending.clear()
 
     def _progress(self, force: bool = False):
