@@ -33,6 +33,18 @@ class BadNetsParams(PoisonParams):
         return self
 
 
+def patch_content(pattern: str, c: int, s: int, seed: int) -> torch.Tensor:
+    """A (c, s, s) patch: white, black, checkerboard, or a fixed binary pattern drawn from ``seed``."""
+    if pattern == "white":
+        return torch.ones(c, s, s)
+    if pattern == "black":
+        return torch.zeros(c, s, s)
+    if pattern == "checkerboard":
+        return ((torch.arange(s)[:, None] + torch.arange(s)) % 2 == 0).float().expand(c, s, s).clone()
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(1, s, s, generator=g) > 0.5).float().expand(c, s, s).clone()
+
+
 @ATTACKS.register("badnets")
 class BadNets(Attack):
     name = "badnets"
@@ -42,17 +54,7 @@ class BadNets(Attack):
         super().__init__(*a, **kw)
         p, (c, h, w) = self.params, self.info.shape
         self.row, self.col = corner(p.position, p.patch_size, h, w)
-        s = p.patch_size
-        if p.pattern == "white":
-            patch = torch.ones(c, s, s)
-        elif p.pattern == "black":
-            patch = torch.zeros(c, s, s)
-        elif p.pattern == "checkerboard":
-            patch = ((torch.arange(s)[:, None] + torch.arange(s)) % 2 == 0).float().expand(c, s, s)
-        else:
-            g = torch.Generator().manual_seed(p.pattern_seed)
-            patch = (torch.rand(1, s, s, generator=g) > 0.5).float().expand(c, s, s)
-        self.patch = patch
+        self.patch = patch_content(p.pattern, c, p.patch_size, p.pattern_seed)
 
     def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
         x = x.clone()

@@ -26,6 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from attacks import ATTACKS
+from attacks.badnets import patch_content
 from attacks.base import Attack, AttackParams, Poisoned, corner
 from kernel.data import Split
 from kernel.metrics import TriggeredSet
@@ -82,17 +83,6 @@ class MultiTargetParams(AttackParams):
         return self
 
 
-def _patch(pattern: str, c: int, s: int, seed: int) -> torch.Tensor:
-    if pattern == "white":
-        return torch.ones(c, s, s)
-    if pattern == "black":
-        return torch.zeros(c, s, s)
-    if pattern == "checkerboard":
-        return ((torch.arange(s)[:, None] + torch.arange(s)) % 2 == 0).float().expand(c, s, s).clone()
-    g = torch.Generator().manual_seed(seed)
-    return (torch.rand(1, s, s, generator=g) > 0.5).float().expand(c, s, s).clone()
-
-
 @ATTACKS.register("multi_target")
 class MultiTarget(Attack):
     name = "multi_target"
@@ -102,7 +92,7 @@ class MultiTarget(Attack):
         super().__init__(*a, **kw)
         p, (c, h, w) = self.params, self.info.shape
         self.corners = [corner(q.position, p.patch_size, h, w, p.margin) for q in p.pairs]
-        self.patches = [_patch(q.pattern, c, p.patch_size, p.pattern_seed + i) for i, q in enumerate(p.pairs)]
+        self.patches = [patch_content(q.pattern, c, p.patch_size, p.pattern_seed + i) for i, q in enumerate(p.pairs)]
         self.targets = [q.target for q in p.pairs]
 
     # -- per pair ----------------------------------------------------------------------------------
