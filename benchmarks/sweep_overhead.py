@@ -3,8 +3,10 @@
 (a) engine: a spec of N trials (attack none × defense none × N seeds) -> expand -> Ray Tune (actor reuse,
     automatic loggers off) -> the driver's single writer -> Parquet + MLflow (SQLite), exactly as
     `sweep run` does, with :func:`sweep.testing.trivial_body` in place of the trial's training.
-(b) bare: the same body as a Tune function trainable over N grid points, with actor reuse and the
-    automatic per-trial loggers off (the fastest plain Tune set-up), results discarded.
+(b) bare: the same body as a Tune function trainable over a grid of N seeds, with actor reuse and the
+    automatic per-trial loggers off (the fastest plain Tune set-up), results discarded. Its configs
+    are one int each: a grid over the full trial dicts would make Tune's grid expansion (which
+    deep-copies the whole space once per variant) quadratic, and flatter the engine.
 
 Each runs in its own Python process, so each reports its own driver peak RSS. The last line is
 ``engine/bare ratio: X``. Run (from the project root)::
@@ -28,14 +30,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _bare_body(config):
+def _bare_body(config, template):
     from ray import tune
 
     from sweep.spec import Trial
-
     from sweep.testing import trivial_body
 
-    out = trivial_body(Trial.from_dict(config["trial"]), None)
+    trial = Trial.from_dict({**template, "seed": config["seed"], "trial_id": str(config["seed"])})
+    out = trivial_body(trial, None)
     tune.report({"row_json": json.dumps(out.row)})
 
 
@@ -72,11 +74,11 @@ def run_bare(n: int, tmp: str) -> dict:
     from sweep.spec import expand, parse_spec
 
     t0 = time.perf_counter()
-    trials = [t.as_dict() for t in expand(parse_spec(_spec(n)))]
+    template = expand(parse_spec(_spec(1)))[0].as_dict()
     ray.init(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     tuner = tune.Tuner(
-        tune.with_resources(_bare_body, {"cpu": 1}),
-        param_space={"trial": tune.grid_search(trials)},
+        tune.with_resources(tune.with_parameters(_bare_body, template=template), {"cpu": 1}),
+        param_space={"seed": tune.grid_search(list(range(n)))},
         tune_config=tune.TuneConfig(reuse_actors=True),
         run_config=tune.RunConfig(storage_path=str(Path(tmp) / "ray"), verbose=0,
                                   checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False)),

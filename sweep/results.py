@@ -100,7 +100,7 @@ class ResultsWriter:
         self.dir = Path(results_dir) / "trials"
         self.dir.mkdir(parents=True, exist_ok=True)
         if flush_seconds is None:  # rows reach disk at least this often (a killed driver loses no more)
-            flush_seconds = float(os.environ.get("BDSWEEP_FLUSH_SECONDS", 10))
+            flush_seconds = float(os.environ.get("BDSWEEP_FLUSH_SECONDS", 2))
         self.schema, self.flush_rows, self.flush_seconds = schema, flush_rows, flush_seconds
         self.run_id, self.parts, self.rows, self.last_flush = uuid.uuid4().hex[:8], 0, [], time.monotonic()
 

@@ -28,10 +28,11 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 
 import yaml  # noqa: E402
 from ray.tune import Callback  # noqa: E402
+from ray.tune.search import Searcher  # noqa: E402
 
 from sweep.results import ResultsWriter, finished_trials, load, schema_for  # noqa: E402
 from sweep.spec import SpecError, SweepSpec, Trial, expand  # noqa: E402
-from sweep.tracking import Tracker, default_uri  # noqa: E402
+from sweep.tracking import BackgroundTracker, default_uri  # noqa: E402
 
 
 @dataclass
@@ -43,8 +44,9 @@ class Summary:
     seconds: float
 
 
-def _trainable(config, *, store_root: str, data_root, download: bool, threads: int, body=None):
-    """One trial inside a Ray worker (``body``: what runs it, default sweep.trial.execute)."""
+def _trainable(config, *, ctx: dict):
+    """One trial inside a Ray worker. ``ctx`` (one object, fetched once per trial): store_root, data_root,
+    download, threads, and body (what runs the trial, default sweep.trial.execute)."""
     import ray
     import torch
     from ray import tune
@@ -52,11 +54,12 @@ def _trainable(config, *, store_root: str, data_root, download: bool, threads: i
     from sweep.store import Store
     from sweep.trial import execute
 
-    torch.set_num_threads(threads)
+    if torch.get_num_threads() != ctx["threads"]:
+        torch.set_num_threads(ctx["threads"])
     use_gpu = torch.cuda.is_available() and bool(ray.get_gpu_ids())
-    trial = Trial.from_dict(config["trial"])
-    out = (body or execute)(trial, Store(store_root), root=data_root, download=download,
-                            device=torch.device("cuda" if use_gpu else "cpu"))
+    trial = Trial.from_dict(json.loads(config["trial"]))
+    out = (ctx["body"] or execute)(trial, Store(ctx["store_root"]), root=ctx["data_root"], download=ctx["download"],
+                                   device=torch.device("cuda" if use_gpu else "cpu"))
     arts = {k: v.detach().float().cpu().numpy() for k, v in out.artifacts.items()}
     tune.report({"row_json": json.dumps(out.row), "curves_json": json.dumps(out.curves), "artifacts": arts})
 
@@ -80,14 +83,18 @@ def run_sweep(spec: SweepSpec, results_dir: str | Path, *, address: str | None =
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
 
-    tracker = Tracker(mlflow_uri or default_uri(results_dir), spec.name, results_dir, spec.model_dump(mode="json"))
+    tracker = BackgroundTracker(mlflow_uri or default_uri(results_dir), spec.name, results_dir, spec.model_dump(mode="json"))
     if done:
         tracker.backfill(load(results_dir).to_dict("records"))
     writer = ResultsWriter(results_dir, schema_for(trials, results_dir))
-    sink = _Sink(writer, tracker, total=len(todo), show=progress)
+    n_trials, n_todo = len(trials), len(todo)
+    del trials  # from here on each trial is held once: in ``todo`` until Tune takes it, then by Tune
+    sink = _Sink(writer, tracker, total=n_todo, show=progress)
     status = "FINISHED"
     try:
-        if todo:
+        if not todo:
+            tracker.wait_ready()
+        else:
             _tune(spec, todo, results_dir, sink, address=address, store_root=store_root,
                   max_concurrent=max_concurrent or spec.max_concurrent, body=body)
     except BaseException:
@@ -96,7 +103,7 @@ def run_sweep(spec: SweepSpec, results_dir: str | Path, *, address: str | None =
     finally:
         sink.finish()
         tracker.close(status)
-    return Summary(len(trials), len(trials) - len(todo), len(todo), sink.failed, time.monotonic() - t_start)
+    return Summary(n_trials, n_trials - n_todo, n_todo, sink.failed, time.monotonic() - t_start)
 
 
 def _prepare_data(spec: SweepSpec, trial: Trial, results_dir: Path, store_root: str) -> None:
@@ -134,39 +141,116 @@ def _tune(spec: SweepSpec, todo: list[Trial], results_dir: Path, sink, *, addres
             ray.init(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     res = spec.resources
     trainable = tune.with_resources(
-        tune.with_parameters(_trainable, store_root=store_root, data_root=spec.dataset.root,
-                             download=spec.dataset.download, threads=max(1, int(res.cpu)), body=body),
+        tune.with_parameters(_trainable, ctx={"store_root": store_root, "data_root": spec.dataset.root,
+                                              "download": spec.dataset.download,
+                                              "threads": max(1, int(res.cpu)), "body": body}),
         {"cpu": res.cpu, "gpu": res.gpu})
-    tuner = tune.Tuner(
-        trainable,
-        param_space={"trial": tune.grid_search([t.as_dict() for t in todo])},
-        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True),
-        run_config=tune.RunConfig(
-            name=spec.name, storage_path=str(results_dir / "ray"), callbacks=[sink], verbose=0,
-            failure_config=tune.FailureConfig(max_failures=3),  # retried on a lost node / dead worker
-            checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
-        ),
-    )
-    tuner.fit()
+    sink.tracker.wait_ready()  # a bad tracking URI fails here, after Ray has started beside it
+    # Tune keeps every trial it has run until fit() returns, and its scheduler scans them all at every
+    # step: memory and time per trial would grow with the sweep. So a long sweep runs as consecutive
+    # Tune runs of at most ``chunk`` trials each (the cost: a new pair of actors and a short tail with
+    # free slots between chunks, a few seconds each).
+    chunk = int(os.environ.get("BDSWEEP_TUNE_CHUNK", 2000))
+    tune_dir = results_dir / "ray" / spec.name
+    while todo:
+        part = todo[:chunk]  # in spec order (models interleaved: see expand)
+        del todo[:chunk]  # held once: by ``todo`` until a chunk takes it, then by that chunk's feed
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=_Feed(part), num_samples=len(part),
+                                        max_concurrent_trials=max_concurrent, reuse_actors=True,
+                                        trial_dirname_creator=lambda t: t.trial_id),
+            run_config=tune.RunConfig(
+                name=spec.name, storage_path=str(results_dir / "ray"), callbacks=[sink, _quiet_console()],
+                verbose=0,
+                failure_config=tune.FailureConfig(max_failures=3),  # retried on a lost node / dead worker
+                checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
+            ),
+        )
+        tuner.fit()
+        del tuner
+        # Tune makes a folder per trial; ours stay empty (rows go to Parquet, no checkpoints): drop them.
+        for d in tune_dir.iterdir() if tune_dir.is_dir() else ():
+            if d.is_dir():
+                try:
+                    d.rmdir()
+                except OSError:  # not empty: something in it is worth keeping
+                    pass
+
+
+def _quiet_console():
+    """Tune's console reporter with nothing to say: given one, Tune adds none of its own, which would
+    print a line per finished trial. The sweep prints its own progress line."""
+    from ray.tune.progress_reporter import TrialProgressCallback
+
+    class Quiet(TrialProgressCallback):
+        def on_trial_result(self, *a, **k): ...
+        def on_trial_complete(self, *a, **k): ...
+        def on_trial_error(self, *a, **k): ...
+
+    return Quiet()
+
+
+class _Feed(Searcher):
+    """Hands Tune the sweep's trials one at a time, each config just its own trial.
+
+    Not ``tune.grid_search`` over the trial list: Tune's grid expansion deep-copies the whole unresolved
+    space, list included, once per variant, which is quadratic in the trial count (10 s of copying for
+    300 trials, hours for 10,000). A trial leaves this list when Tune takes it, so the driver holds each
+    trial once, in Tune's own record of it.
+    """
+
+    def __init__(self, trials: list[Trial]):
+        super().__init__()
+        self._left = trials
+        self._left.reverse()  # in place, and popped from the end: spec order, and no second list
+
+    def suggest(self, trial_id):
+        # As a JSON string: Tune deep-copies, flattens and formats every config into a name, and one
+        # string is cheap for all three where the nested trial dict is not.
+        return {"trial": json.dumps(self._left.pop().as_dict())} if self._left else Searcher.FINISHED
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        pass  # nothing to learn: every trial is run exactly once
+
+    def get_state(self) -> dict:  # Tune's experiment checkpoints
+        return {"left": self._left}
+
+    def set_state(self, state: dict) -> None:
+        self._left = state["left"]
 
 
 class _Sink(Callback):
     """Tune callback on the driver: the single writer of Parquet (first) and MLflow (after)."""
 
-    def __init__(self, writer: ResultsWriter, tracker: Tracker, total: int, show: bool):
+    def __init__(self, writer: ResultsWriter, tracker: BackgroundTracker, total: int, show: bool):
         super().__init__()
         self.writer, self.tracker, self.total, self.show = writer, tracker, total, show
         self.pending: dict[str, tuple] = {}  # trial_id -> (curves, artifacts) until its row is on disk
-        self.finished = self.failed = self.running = 0
+        self.finished = self.failed = 0
+        self.running: set[str] = set()
         self.t0, self.last_print = time.monotonic(), 0.0
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        row = json.loads(result["row_json"])
-        self._record(row, json.loads(result.get("curves_json") or "{}"), result.get("artifacts") or {})
+        # Popped, not read: Tune keeps every trial's last result until the sweep ends, and rows, curves
+        # and trigger images held 10,000 times over would make driver memory grow with the trial count.
+        # (Tune lets callbacks modify the result in place.)
+        row = json.loads(result.pop("row_json"))
+        self._record(row, json.loads(result.pop("curves_json", None) or "{}"), result.pop("artifacts", None) or {})
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.running.add(trial.trial_id)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.running.discard(trial.trial_id)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self.running.discard(trial.trial_id)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         # The worker died (not the trial's code, whose exceptions are rows): record it and go on.
-        t = Trial.from_dict(trial.config["trial"])
+        self.running.discard(trial.trial_id)
+        t = Trial.from_dict(json.loads(trial.config["trial"]))
         from sweep.trial import base_row
 
         row = base_row(t)
@@ -174,8 +258,7 @@ class _Sink(Callback):
         self._record(row, {}, {})
 
     def on_step_end(self, iteration, trials, **info):
-        self.running = sum(1 for t in trials if t.status == "RUNNING")
-        self._progress()
+        self._progress()  # counts kept by the hooks above: scanning ``trials`` every step is quadratic
 
     def _record(self, row, curves, artifacts):
         self.finished += 1
@@ -186,10 +269,8 @@ class _Sink(Callback):
         self._progress()
 
     def _log_flushed(self):
-        import torch
-
         for row, curves, arts in self.pending.values():
-            self.tracker.log(row, curves, {k: torch.tensor(v) for k, v in arts.items()})  # a copy: Ray hands read-only arrays
+            self.tracker.log(row, curves, arts)
         self.pending.clear()
 
     def _progress(self, force: bool = False):
@@ -199,7 +280,7 @@ class _Sink(Callback):
         self.last_print = now
         el = now - self.t0
         eta = f"{el / self.finished * (self.total - self.finished):,.0f}s" if self.finished else "?"
-        line = (f"[sweep] {self.finished}/{self.total} done, {self.running} running, {self.failed} failed, "
+        line = (f"[sweep] {self.finished}/{self.total} done, {len(self.running)} running, {self.failed} failed, "
                 f"elapsed {el:,.0f}s, eta {eta}")
         print(("\r" + line) if sys.stderr.isatty() else line, end="" if sys.stderr.isatty() else "\n",
               file=sys.stderr, flush=True)

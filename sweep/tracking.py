@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
-
-import sqlalchemy
 
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no migration chatter on first use
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # clusters are often offline; never phone home
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # one "View run" line per trial otherwise
-
-from defenses import DEFENSES  # noqa: E402
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
 
 ROLE = "bdsweep.role"
 PARAM_PREFIXES = ("attack.", "defense.")
@@ -31,7 +28,6 @@ METRICS = ("clean_acc", "asr", "robust_acc", "attack_clean_acc", "attack_asr", "
 TAGS = ("trial_id", "model_key", "attack", "defense", "dataset", "model", "seed", "status", "host", "device")
 
 
-@sqlalchemy.event.listens_for(sqlalchemy.engine.Engine, "connect")
 def _sqlite_wal(conn, _record):
     """WAL journaling: each MLflow call commits several times; with fsync per commit a run costs ~120 ms
     on disk, with WAL ~20 ms. The mode is stored in the database file, so the UI server gets it too."""
@@ -42,13 +38,32 @@ def _sqlite_wal(conn, _record):
         cur.close()
 
 
+def _mlflow_client(uri: str):
+    """MLflow is imported here, in the process that logs (the driver only starts that process)."""
+    import sqlalchemy
+    from mlflow.tracking import MlflowClient
+
+    if not sqlalchemy.event.contains(sqlalchemy.engine.Engine, "connect", _sqlite_wal):
+        sqlalchemy.event.listen(sqlalchemy.engine.Engine, "connect", _sqlite_wal)
+    return MlflowClient(tracking_uri=uri)
+
+
 def default_uri(results_dir: str | Path) -> str:
     return f"sqlite:///{Path(results_dir).resolve() / 'mlflow.db'}"
 
 
+def defense_outputs() -> dict[str, dict[str, str]]:
+    """Each defense's own result columns (name -> kind), from the registry."""
+    from defenses import DEFENSES
+
+    return {name: DEFENSES.get(name).outputs for name in DEFENSES.names()}
+
+
 class Tracker:
-    def __init__(self, uri: str, sweep: str, results_dir: str | Path, spec: dict | None = None):
-        self.client = MlflowClient(tracking_uri=uri)
+    def __init__(self, uri: str, sweep: str, results_dir: str | Path, spec: dict | None = None,
+                 outputs: dict[str, dict[str, str]] | None = None):
+        self.outputs = outputs if outputs is not None else defense_outputs()
+        self.client = _mlflow_client(uri)
         exp = self.client.get_experiment_by_name(sweep)
         if exp is None:
             # Artifacts beside the results (a file store); a tracking server's own artifact root otherwise.
@@ -80,11 +95,13 @@ class Tracker:
                 return done
 
     def log(self, row: dict, curves: dict | None = None, artifacts: dict | None = None) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
         if row["trial_id"] in self.logged:
             return
         tags = {k: str(row[k]) for k in TAGS if row.get(k) is not None}
         tags.update({ROLE: "trial", "mlflow.parentRunId": self.parent})
-        outputs = DEFENSES.get(row["defense"]).outputs  # defense-specific result columns
+        outputs = self.outputs.get(row["defense"], {})  # defense-specific result columns
         numeric_outputs = [k for k, kind in outputs.items() if kind in ("float", "int")]
         tags.update({k: str(row[k]) for k in outputs if k not in numeric_outputs and row.get(k) is not None})
         name = f"{row['attack']}/{row['defense']}/seed{row['seed']}/{row['trial_id'][:6]}"
@@ -122,6 +139,103 @@ class Tracker:
         self.client.set_terminated(self.parent, status)
 
 
+class BackgroundTracker:
+    """A :class:`Tracker` in a process of its own (``python -m sweep.tracking``), fed pickled rows on
+    its stdin.
+
+    MLflow costs ~20 ms of Python per run (SQLAlchemy, three calls per trial); on the driver's thread that
+    time stalls Tune's event loop. Here the driver only pickles the row; the process is the single MLflow
+    writer. If the driver dies, stdin closes and the process stops: rows it never got are in Parquet, and
+    ``sweep resume`` backfills them. The experiment and parent run are set up while Ray starts;
+    :meth:`wait_ready` raises a bad tracking URI as an error before any trial runs. A plain subprocess,
+    not ``multiprocessing``: its spawn re-imports the caller's main script, which breaks scripts that call
+    ``run_sweep`` without a ``__main__`` guard.
+    """
+
+    def __init__(self, uri: str, sweep: str, results_dir: str | Path, spec: dict | None = None):
+        self._proc = subprocess.Popen([sys.executable, "-m", "sweep.tracking"], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, cwd=str(Path(__file__).resolve().parents[1]))
+        self._ready = self._dead = False
+        # The registry is read here: the MLflow process then imports neither torch nor the defenses.
+        self._put((uri, sweep, str(results_dir), spec, defense_outputs()))
+
+    def __getstate__(self):
+        # Tune pickles its callbacks (and so this) into its experiment state; a process does not pickle,
+        # and a restored copy could not reach it anyway.
+        return {}
+
+    def wait_ready(self) -> None:
+        if self._ready:
+            return
+        msg = self._proc.stdout.readline().decode().strip() or "the MLflow process exited while starting"
+        if msg != "ready":
+            self._proc.wait()
+            raise RuntimeError(f"MLflow tracking could not start: {msg}")
+        self._ready = True
+
+    def log(self, row: dict, curves: dict | None = None, artifacts: dict | None = None) -> None:
+        self._put(("log", row, curves, artifacts))
+
+    def backfill(self, rows) -> None:
+        self._put(("backfill", list(rows)))
+
+    def _put(self, msg) -> None:
+        if self._dead:
+            return
+        try:
+            pickle.dump(msg, self._proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            self._proc.stdin.flush()
+        except (BrokenPipeError, OSError):  # it died: the sweep goes on, Parquet has every row
+            self._dead = True
+            print("[sweep] the MLflow process stopped; rows go on to Parquet, and `sweep resume` logs them "
+                  "to MLflow", file=sys.stderr)
+
+    def close(self, status: str = "FINISHED") -> None:
+        """Wait until every row sent has been logged, then mark the parent run ``status``."""
+        self._put(("close", status))
+        try:
+            self._proc.stdin.close()
+        except OSError:
+            pass
+        if self._proc.wait() != 0 and self._ready:
+            print("[sweep] MLflow logging failed for some trials (see above); Parquet has every row, and "
+                  "`sweep resume` logs what MLflow is missing", file=sys.stderr)
+
+
+def _serve() -> int:
+    """The MLflow process: one Tracker; messages from stdin in order until "close" or the driver is gone."""
+    stdin, out = sys.stdin.buffer, sys.stdout
+    try:
+        tracker = Tracker(*pickle.load(stdin))
+    except Exception as e:  # noqa: BLE001 - handed to the driver, which raises it
+        print(f"{type(e).__name__}: {e}".replace("\n", " "), file=out, flush=True)
+        return 1
+    print("ready", file=out, flush=True)
+    # Lowest CPU priority: on a machine that also runs trials, the trials come first and MLflow catches
+    # up in the gaps (close() waits for it). On a cluster the tracking server does the heavy part anyway.
+    os.nice(19)
+    failed = 0
+    while True:
+        try:
+            kind, *args = pickle.load(stdin)
+        except EOFError:  # the driver died: stop; `sweep resume` backfills from Parquet
+            return 1
+        try:
+            if kind == "log":
+                tracker.log(*args)
+            elif kind == "backfill":
+                tracker.backfill(*args)
+            else:
+                tracker.close(*args)
+                out.flush()
+                sys.stderr.flush()
+                # Every write is committed; skip the interpreter's teardown of MLflow/SQLAlchemy (seconds).
+                os._exit(1 if failed else 0)
+        except Exception as e:  # noqa: BLE001 - one bad row must not stop the others from being logged
+            failed += 1
+            print(f"[sweep] MLflow: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+
+
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -131,9 +245,13 @@ def _to_numpy_image(t):
     import torch
     from torchvision.utils import make_grid
 
-    t = t.detach().float().cpu()
+    t = torch.as_tensor(t).detach().float().cpu()
     if t.dim() == 4:
         t = make_grid(t, nrow=min(8, len(t)), padding=1)
     t = (t - t.min()) / (t.max() - t.min() + 1e-12) if (t.min() < 0 or t.max() > 1) else t
     return (t.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
+
+
+if __name__ == "__main__":
+    sys.exit(_serve())
