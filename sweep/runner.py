@@ -58,7 +58,8 @@ def _trainable(config, *, ctx: dict):
         torch.set_num_threads(ctx["threads"])
     use_gpu = torch.cuda.is_available() and bool(ray.get_gpu_ids())
     trial = Trial.from_dict(json.loads(config["trial"]))
-    out = (ctx["body"] or execute)(trial, Store(ctx["store_root"]), root=ctx["data_root"], download=ctx["download"],
+    out = (ctx["body"] or execute)(trial, Store(ctx["store_root"], ctx["store_lock"]), root=ctx["data_root"],
+                                   download=ctx["download"],
                                    device=torch.device("cuda" if use_gpu else "cpu"))
     arts = {k: v.detach().float().cpu().numpy() for k, v in out.artifacts.items()}
     tune.report({"row_json": json.dumps(out.row), "curves_json": json.dumps(out.curves), "artifacts": arts})
@@ -143,7 +144,8 @@ def _tune(spec: SweepSpec, todo: list[Trial], results_dir: Path, sink, *, addres
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, ctx={"store_root": store_root, "data_root": spec.dataset.root,
                                               "download": spec.dataset.download,
-                                              "threads": max(1, int(res.cpu)), "body": body}),
+                                              "threads": max(1, int(res.cpu)), "body": body,
+                                              "store_lock": os.environ.get("BDSWEEP_STORE_LOCK", "auto")}),
         {"cpu": res.cpu, "gpu": res.gpu})
     sink.tracker.wait_ready()  # a bad tracking URI fails here, after Ray has started beside it
     # Tune keeps every trial it has run until fit() returns, and its scheduler scans them all at every

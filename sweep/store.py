@@ -41,7 +41,13 @@ def is_uri(root: str | Path) -> bool:
 
 
 class Store:
-    def __init__(self, root: str | Path):
+    """``lock``: how concurrent builders of one key are kept to one. ``auto``: a file lock for a local
+    directory, a Ray lease for a URI. ``lease`` forces Ray leases for a directory too: for NFS mounts whose
+    file locks are not to be trusted across machines (set ``BDSWEEP_STORE_LOCK=lease`` for ``sweep run``)."""
+
+    def __init__(self, root: str | Path, lock: str = "auto"):
+        if lock not in ("auto", "file", "lease"):
+            raise ValueError(f"store lock must be auto, file or lease, not {lock!r}")
         self.uri = str(root)
         if is_uri(root):
             self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
@@ -49,6 +55,7 @@ class Store:
         else:
             self.fs, self.root = pafs.LocalFileSystem(), str(Path(str(root).removeprefix("file://")).resolve())
             self.local = True
+        self.lease = lock == "lease" or (lock == "auto" and not self.local)
 
     def _path(self, kind: str, key: str, ext: str) -> str:
         return f"{self.root}/{kind}/{key}.{ext}"
@@ -94,13 +101,13 @@ class Store:
 
     @contextmanager
     def lock(self, kind: str, key: str) -> Iterator[None]:
-        if self.local:
+        if not self.lease:
             path = Path(self._path(kind, key, "lock"))
             path.parent.mkdir(parents=True, exist_ok=True)
             with FileLock(str(path)):
                 yield
         else:
-            with _lease(f"{self.uri}/{kind}/{key}"):
+            with _lease(f"{self.root if self.local else self.uri}/{kind}/{key}"):
                 yield
 
     def get_or_build(self, kind: str, key: str, build: Callable[[], Product]) -> tuple[dict, dict, bool]:
@@ -145,9 +152,14 @@ def _lease_actor():
 
     if not ray.is_initialized():
         return None
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
     cls = ray.remote(num_cpus=0, max_concurrency=64)(_Leases)
+    # Outside any placement group: created from inside a Tune trial, the actor would otherwise join that
+    # trial's placement group and die with it when the trial ends, under the trials still waiting on it.
     return cls.options(name="bdsweep-store-leases", namespace="bdsweep", get_if_exists=True,
-                       lifetime="detached").remote()
+                       lifetime="detached",
+                       scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None)).remote()
 
 
 @contextmanager

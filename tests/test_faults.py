@@ -57,6 +57,38 @@ def test_worker_node_lost_mid_sweep_every_trial_finishes_once(tmp_path):
     assert done["s"].ran == 12
 
 
+def test_two_trials_on_two_nodes_build_their_shared_model_once(tmp_path, monkeypatch):
+    """Two trials that need the same backdoored model start at once on two nodes: one trains it, the other
+    waits on the store's Ray lease and loads it."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.setenv("BDSWEEP_STORE_LOCK", "lease")  # the lock a cluster's shared store uses
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+    spec = parse_spec({"name": "once", "dataset": {"name": "synthetic", "train_size": 2000, "test_size": 200},
+                       "model": "small_cnn", "train": {"epochs": 8}, "attacks": [{"name": "badnets"}],
+                       "defenses": [{"name": "none"}, {"name": "finetune", "clean_size": 50, "epochs": 1}]})
+    try:
+        s = run_sweep(spec, tmp_path / "res", progress=False)
+        ray.get_actor("bdsweep-store-leases", namespace="bdsweep")  # the builds went through leases
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    df = _rows(tmp_path / "res")
+    assert s.ran == 2 and (df.status == "ok").all(), df[["defense", "status", "error"]]
+    assert df.model_key.nunique() == 1
+    assert sorted(df.attack_cached) == [False, True]  # built by one trial, loaded by the other
+    builder, waiter = df[~df.attack_cached.astype(bool)].iloc[0], df[df.attack_cached.astype(bool)].iloc[0]
+    build_end = pd.Timestamp(builder.started_at) + pd.Timedelta(seconds=builder.attack_seconds)
+    assert pd.Timestamp(waiter.started_at) < build_end  # it asked while the model was being trained
+
+
 SPEC = {
     "name": "killed",
     "dataset": {"name": "synthetic", "train_size": 600, "test_size": 200},
