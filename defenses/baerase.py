@@ -27,11 +27,12 @@ description and the code's settings).
 3. Unlearning, through ``kernel.train.fit`` on the clean set (SGD, momentum 0.9, constant lr):
        alpha_u * CE(f(x), y) + push(f(x ⊕ G(z))) + l1 * ||theta - theta_0||_1
    ``push``: ``true_label`` (default) = CE(., y), stamped inputs keep their true label (bounded), or
-   ``ascent`` = -CE(., target), the paper's (unbounded). Training stops early once the recovered
-   triggers' success rate on the clean set falls below ``stop_asr`` (paper: 0.05%). The stamped inputs go
+   ``ascent`` = -CE(., target), the paper's (unbounded). With ``stop_asr`` > 0 training stops early once
+   the recovered triggers' success rate on the clean set falls below it (paper: 0.05%); the default 0
+   runs all ``unlearn_epochs`` (3): the rule fired in the first epochs' CA dip. The stamped inputs go
    through the model with BatchNorm in eval mode, so they do not enter its running statistics; with
    ``unlearn_bn: frozen`` (default) the clean batches do too (BatchNorm in eval mode throughout).
-   Paper settings: alpha_u 100, lr 1e-4, ascent. Here alpha_u 3, lr 2e-4, true_label, BatchNorm frozen:
+   Paper settings: alpha_u 100, lr 1e-4, ascent. Here alpha_u 2, lr 2e-4, true_label, BatchNorm frozen:
    with the paper's, small_cnn lost 28 points of CA on CIFAR-10 BadNets (the unbounded ascent runs
    away); the defaults are the measured trade-off between ASR and CA (docs/abl_baerase.md).
 The recovered triggers (8 draws of G for the target: m * p for masks, full images for ``pattern``/
@@ -68,14 +69,22 @@ class BAEraseParams(CleanSetParams):
     beta: float = Field(0.5, gt=0, le=1, description="cap on the target probability in the recovery loss")
     mi_weight: float = Field(0.1, ge=0, description="weight of the MINE mutual-information term")
     unlearn: Literal["true_label", "ascent"] = "true_label"
-    unlearn_epochs: int = Field(10, ge=1)
+    # 3 epochs, alpha_u 2, no early stop (stop_asr 0): measured on CIFAR-10/small_cnn, 500 clean images
+    # (docs/abl_baerase.md, single seed): the first epoch's push costs 3-4 points of CA, which the clean
+    # loss gives back over the next one or two; the paper's stop rule (0.0005) fired inside that dip
+    # (Blended CA -3.5 with alpha_u 3), and with alpha_u 3 BadNets' real ASR crept back to 8-10% from the
+    # fourth epoch on. Measured with these: BadNets CA -0.7 / -0.0, ASR -96% / -98%; Blended CA -1.8 / -1.6,
+    # ASR -99.5% / -99.4% (target given / found). Held-out seed 1: BadNets -97%, but Blended only -87 to
+    # -88% ASR (goal -90%): three epochs are tuned on seed 0 and are not enough there.
+    unlearn_epochs: int = Field(3, ge=1)
     unlearn_lr: float = Field(2e-4, gt=0, description="paper 1e-4 with alpha_u 100")
     unlearn_batch_size: int = Field(64, ge=1)
-    alpha_u: float = Field(3.0, gt=0, description="weight of the clean cross-entropy (paper 100)")
+    alpha_u: float = Field(2.0, gt=0, description="weight of the clean cross-entropy (paper 100)")
     l1: float = Field(1e-6, ge=0, description="weight of ||theta - theta_0||_1")
     unlearn_bn: Literal["frozen", "train"] = Field(
         "frozen", description="BatchNorm of the clean batches while unlearning: train mode, or eval mode throughout")
-    stop_asr: float = Field(0.0005, ge=0, description="stop unlearning once the recovered triggers' ASR is below")
+    stop_asr: float = Field(0.0, ge=0, description="stop unlearning once the recovered triggers' ASR is below "
+                                                   "(0: never; paper 0.0005)")
 
     @field_validator("target")
     @classmethod

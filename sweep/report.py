@@ -36,12 +36,21 @@ def variant_labels(df: pd.DataFrame, kind: str) -> pd.Series:
     """Label each row's attack (kind='attack') or defense variant by the parameters that vary."""
     labels = pd.Series(df[kind].astype(str), index=df.index)
     for name, group in df.groupby(kind):
-        cols = [c for c in df.columns if c.startswith(kind + ".") and group[c].nunique(dropna=True) > 1]
+        # null counts as a value: a parameter left at its default (null, e.g. ABL's turning_epoch: the
+        # sweep's epochs) in one variant and set in another still tells the two apart
+        cols = [c for c in df.columns if c.startswith(kind + ".") and group[c].nunique(dropna=False) > 1]
         if cols:
             lab = group[cols].apply(
-                lambda r: f"{name}(" + ", ".join(f"{c.split('.', 1)[1]}={r[c]}" for c in cols) + ")", axis=1)
+                lambda r: f"{name}(" + ", ".join(
+                    f"{c.split('.', 1)[1]}={_value(r[c])}" for c in cols) + ")", axis=1)
             labels.loc[group.index] = lab
     return labels
+
+
+def _value(v) -> str:
+    if pd.isna(v):
+        return "default"
+    return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
 
 
 def _fmt(mean: float, std: float, scale: float = 100, digits: int = 1) -> str:

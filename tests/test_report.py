@@ -181,3 +181,14 @@ def test_example_script_rebuilds_the_table_from_parquet_alone(results):
     asr = df[(df.status == "ok") & (df.attack == "blend") & (df.defense == "none")].asr.astype(float)
     blend = next(line for line in r.stdout.splitlines() if line.startswith("blend"))
     assert f"{100 * asr.mean():.1f} ± {100 * asr.std():.1f}" in blend
+
+
+def test_a_parameter_left_at_its_default_still_tells_variants_apart():
+    """ABL's turning_epoch is null (the sweep's epochs) in one variant and 10 in another: two columns."""
+    from sweep.report import variant_labels
+
+    df = pd.DataFrame({"defense": ["abl", "abl", "abl"], "defense.gamma": [0.5, 0.5, 1.0],
+                       "defense.turning_epoch": [None, 10.0, None]})
+    assert list(variant_labels(df, "defense")) == ["abl(gamma=0.5, turning_epoch=default)",
+                                                   "abl(gamma=0.5, turning_epoch=10)",
+                                                   "abl(gamma=1, turning_epoch=default)"]
