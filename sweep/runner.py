@@ -228,7 +228,7 @@ class _Sink(Callback):
     def __init__(self, writer: ResultsWriter, tracker: BackgroundTracker, total: int, show: bool):
         super().__init__()
         self.writer, self.tracker, self.total, self.show = writer, tracker, total, show
-        self.pending: dict[str, tuple] = {}  # trial_id -> (curves, artifacts) until its row is on disk
+        self.pending: dict[str, tuple] = {}  # trial_id -> (row, curves, artifacts) until the row is on disk
         self.finished = self.failed = 0
         self.running: set[str] = set()
         self.t0, self.last_print = time.monotonic(), 0.0

@@ -1,5 +1,5 @@
-"""MLflow logging from the driver: one experiment per sweep, one parent run for the sweep, one child
-run per trial (params, final metrics, per-epoch curves as metric steps, tags to filter by).
+"""MLflow logging (in a child process of the driver: BackgroundTracker): one experiment per sweep,
+one parent run for the sweep, one child run per trial (params, final metrics, per-epoch curves as metric steps, tags to filter by).
 
 Parquet is the source of truth; MLflow follows it. On start, the tracker lists the children already
 logged (by their ``trial_id`` tag) and deletes unfinished ones left by a crash, so a resumed sweep logs
