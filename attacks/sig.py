@@ -27,44 +27,23 @@ import math
 from typing import Literal, Union
 
 import torch
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field
 
 from attacks import ATTACKS
-from attacks.base import Attack, PoisonParams
+from attacks.base import CleanLabelAttack, CleanLabelParams
 
 
-class SigParams(PoisonParams):
+class SigParams(CleanLabelParams):
     target: Union[int, Literal["all"]] = Field(0, description="target class; the only class poisoned (clean label)")
     delta: float = Field(40, gt=0, le=255, description="amplitude Δ of the sinusoid on the 0-255 scale "
                                                           "(BackdoorBench 40; ABL/NAD code 20)")
     frequency: float = Field(6, gt=0, description="number of periods f across the image width")
-    rate_of: Literal["train", "target_class"] = Field(
-        "train", description="poison_rate is a fraction of the whole training set (BackdoorBench) or of "
-                             "the target class")
-
-    @field_validator("target")
-    @classmethod
-    def _not_all_to_all(cls, v):
-        if v == "all":
-            raise ValueError("sig is a clean-label attack: it poisons target-class images without changing "
-                             "their labels, so all-to-all ('all') has no meaning; give one target class")
-        return v
-
-    @model_validator(mode="after")
-    def _rate_fits_the_target_class(self, info: ValidationInfo):
-        k = (info.context or {}).get("num_classes")
-        if k and self.rate_of == "train" and self.poison_rate > 1 / k + 1e-9:
-            raise ValueError(f"poison_rate {self.poison_rate} of the training set exceeds the share of one class "
-                             f"(1/{k}); sig poisons only target-class images. Use rate_of: target_class to give "
-                             "a fraction of the target class")
-        return self
 
 
 @ATTACKS.register("sig")
-class Sig(Attack):
+class Sig(CleanLabelAttack):
     name = "sig"
     Params = SigParams
-    clean_label = True
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
@@ -72,19 +51,6 @@ class Sig(Attack):
         j = torch.arange(w, dtype=torch.float64)
         row = p.delta / 255 * torch.sin(2 * math.pi * j * p.frequency / w)
         self.signal = row.float().reshape(1, 1, w).expand(c, h, w).clone()
-
-    _n_target: int | None = None  # size of the target class, known once select() has seen the labels
-
-    def num_poison(self, n_train: int) -> int:
-        if self.params.rate_of == "train":
-            return super().num_poison(n_train)
-        if self._n_target is None:
-            raise RuntimeError("sig with rate_of: target_class counts its poisons in select(), from the labels")
-        return round(self.params.poison_rate * self._n_target)
-
-    def select(self, y: torch.Tensor) -> torch.Tensor:
-        self._n_target = int(self.eligible(y).sum())
-        return super().select(y)
 
     def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
         return (x + self.signal.to(x)).clamp(0, 1)

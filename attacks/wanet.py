@@ -83,15 +83,8 @@ class WaNet(Attack):
     def poison(self, train: Split) -> Poisoned:
         base = super().poison(train)
         idx = base.indices
-        taken = torch.zeros(len(train), dtype=torch.bool)
-        taken[idx] = True
-        pool = (~taken).nonzero().flatten()
         n = self.num_noise(len(idx))
-        if n > len(pool):
-            raise ValueError(f"wanet: cross_ratio {self.params.cross_ratio} asks for {n} noise samples but only "
-                             f"{len(pool)} samples are left unpoisoned")
-        g = torch.Generator().manual_seed(self.seed + 1_000_003)  # its own stream: independent of select()
-        cross = pool[torch.randperm(len(pool), generator=g)[:n]].sort().values
+        cross, g = self.draw_unpoisoned(len(train), idx, n, "noise samples")
         x = base.train.x
         if n:
             x[cross] = to_uint8(self.apply_noise(to_float(train.x[cross]), g))

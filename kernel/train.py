@@ -140,6 +140,9 @@ def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
 
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (float batch, labels, positions) -> (batch, labels, extra loss or None): rewrites a batch after
+# augmentation, e.g. a training-controlled attack stamping some of it with a generator being trained.
+BatchFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]"]
 EpochHook = Callable[[int, dict], "bool | None"]
 
 
@@ -154,6 +157,9 @@ def fit(
     loss_fn: LossFn | None = None,
     on_epoch: EpochHook | None = None,
     params=None,
+    batch_fn: BatchFn | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    extra_optimizers: tuple = (),
 ) -> list[dict]:
     """Train ``model`` on images ``x`` (uint8 or float in [0, 1]) with labels ``y``.
 
@@ -161,7 +167,13 @@ def fit(
     in ``x``, so a loss can weight or treat samples individually); default: cross-entropy.
     ``on_epoch(epoch, record)`` is called after every epoch with that epoch's record (mean loss, lr, time)
     and may add entries to it; returning True stops training early.
-    ``params`` restricts the optimised parameters (default: all). Returns the per-epoch records.
+    ``params`` restricts the optimised parameters (default: all).
+    ``optimizer`` replaces the default SGD (``cfg.lr``, momentum, weight decay) with one the caller built,
+    e.g. Adam for a generator; each group's lr is ``group['initial_lr']`` (its lr when fit starts) times
+    ``cfg.schedule``'s factor, so an ``on_epoch`` hook can decay ``initial_lr`` (a step schedule).
+    ``batch_fn(xb, yb, idx)`` rewrites each augmented float batch and may add a loss term (the extra term
+    joins the batch's loss); ``extra_optimizers`` (e.g. a generator's Adam) are zeroed and stepped with the
+    model's SGD on every batch, so models trained jointly share this one loop. Returns the per-epoch records.
     """
     import time
 
@@ -173,10 +185,12 @@ def fit(
         def loss_fn(logits, targets, idx):  # noqa: ARG001 - idx unused by plain CE
             return F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
 
-    opt = torch.optim.SGD(
+    opt = optimizer or torch.optim.SGD(
         params if params is not None else model.parameters(),
         lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov and cfg.momentum > 0,
     )
+    for group in opt.param_groups:  # the schedule scales this (torch's LR schedulers keep the same key)
+        group.setdefault("initial_lr", group["lr"])
     n = int(y.shape[0])
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total, step, history = cfg.epochs * steps_per_epoch, 0, []
@@ -184,17 +198,24 @@ def fit(
         model.train()
         t0, loss_sum = time.perf_counter(), torch.zeros((), device=device)
         for idx in batches(n, cfg.batch_size, gen, device):
+            factor = lr_factor(cfg, step, total)
             for group in opt.param_groups:
-                group["lr"] = cfg.lr * lr_factor(cfg, step, total)
+                group["lr"] = group["initial_lr"] * factor
             xb = x[idx]
             if cfg.augment:  # on the uint8 batch: a quarter of the bytes to move
                 xb = augment(xb, gen, cfg.crop_pad)
-            xb = to_float(xb).contiguous(memory_format=torch.channels_last)
+            xb, yb, extra = to_float(xb), y[idx], None
             with _autocast(device, cfg.precision):
-                loss = loss_fn(model(xb), y[idx], idx)
-            opt.zero_grad(set_to_none=True)
+                if batch_fn is not None:
+                    xb, yb, extra = batch_fn(xb, yb, idx)
+                loss = loss_fn(model(xb.contiguous(memory_format=torch.channels_last)), yb, idx)
+                if extra is not None:
+                    loss = loss + extra
+            for o in (opt, *extra_optimizers):
+                o.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
+            for o in (opt, *extra_optimizers):
+                o.step()
             loss_sum += loss.detach() * len(idx)  # stays on device: no sync per step
             step += 1
         record = {"epoch": epoch, "loss": float(loss_sum) / n, "lr": opt.param_groups[0]["lr"],
@@ -202,7 +223,8 @@ def fit(
         if not math.isfinite(record["loss"]):
             raise TrainingDiverged(f"loss became {record['loss']} at epoch {epoch}")
         # The loss is measured before each step, so a last step that blows the weights up is caught here.
-        if not all(torch.isfinite(p).all() for g in opt.param_groups for p in g["params"]):
+        if not all(torch.isfinite(p).all() for o in (opt, *extra_optimizers) for g in o.param_groups
+                   for p in g["params"]):
             raise TrainingDiverged(f"parameters became non-finite at epoch {epoch}")
         stop = on_epoch(epoch, record) if on_epoch else None
         history.append(record)

@@ -14,13 +14,14 @@ from datetime import datetime, timezone
 import torch
 
 from attacks import ATTACKS
+from attacks.base import AttackContext
 from defenses import DEFENSES
 from defenses.base import DefenseContext, draw_clean_set
 from kernel.data import Dataset, DatasetInfo, Split, dataset_info, load_dataset, read_image, stratified_indices
 from kernel.metrics import evaluate
 from kernel.models import create_model
 from kernel.train import TrainConfig, fit
-from sweep.spec import Trial, content_hash, file_params
+from sweep.spec import Trial, Variant, content_hash, file_params
 from sweep.store import Store
 
 CURVE_SAMPLES = 1000  # test images used for per-epoch curves: enough for a curve, cheap enough per epoch
@@ -88,6 +89,11 @@ def execute(trial: Trial, store: Store, *, root: str | None = None, download: bo
     return out
 
 
+def _with(product, **record):
+    tensors, rec = product
+    return tensors, {**rec, **record}
+
+
 def _run(trial: Trial, store: Store, root, download, device, out: Outcome) -> None:
     row, seed = out.row, trial.seed
     ds = load_data(trial, root, download, store)
@@ -96,20 +102,26 @@ def _run(trial: Trial, store: Store, root, download, device, out: Outcome) -> No
     attack = acls(acls.Params.model_validate(trial.attack.params), info, seed,
                   files=_load_files(acls, trial.attack.params, info))
     defense = dcls(dcls.Params.model_validate(trial.defense.params))
-    poisoned = attack.poison(ds.train)
-    triggered = attack.triggered_test(ds.test)
-    # Per-epoch curves use a class-stratified sample of the test set (published test sets are often
-    # sorted by class: the first 1,000 images would all be one class).
-    cidx = stratified_indices(ds.test.y, min(CURVE_SAMPLES, len(ds.test)), 0)
-    curve_x, curve_y = ds.test.x[cidx], ds.test.y[cidx]
-    curve_trig = None
-    if triggered is not None and len(triggered.y_true):
-        tidx = stratified_indices(triggered.y_true, min(CURVE_SAMPLES, len(triggered.y_true)), 0)
-        curve_trig = type(triggered)(triggered.x[tidx], triggered.y_true[tidx], triggered.y_attack[tidx])
+    cfg = TrainConfig(**trial.train)
 
     def new_model():
         torch.manual_seed(seed)  # same init for a seed, whatever ran before in this process
         return create_model(trial.model, info.num_classes, info.shape[0], info.mean, info.std)
+
+    def train_and_record(m, x, y, triggered, fit_it: bool = True) -> tuple[dict, dict]:
+        """Train ``m`` on (x, y) (unless ``fit_it`` is False: already trained), measure it: a store product."""
+        t0 = time.perf_counter()
+        hist = fit(m, x, y, cfg, seed=seed, device=device,
+                   on_epoch=lambda e, rec: rec.update(curve_metrics(m))) if fit_it else []
+        seconds = time.perf_counter() - t0
+        metrics = evaluate(m, ds.test.x, ds.test.y, triggered, device)
+        state = {k: v.detach().cpu() for k, v in m.state_dict().items()}
+        return state, {"metrics": metrics, "seconds": seconds, "history": hist, "trial": trial.as_dict()}
+
+    # Per-epoch curves use a class-stratified sample of the test set (published test sets are often
+    # sorted by class: the first 1,000 images would all be one class).
+    cidx = stratified_indices(ds.test.y, min(CURVE_SAMPLES, len(ds.test)), 0)
+    curve_x, curve_y, curve_trig = ds.test.x[cidx], ds.test.y[cidx], None  # trigger set once poisoned
 
     def curve_metrics(m):
         was_training = m.training
@@ -117,18 +129,46 @@ def _run(trial: Trial, store: Store, root, download, device, out: Outcome) -> No
         m.train(was_training)
         return {k: v for k, v in r.items() if v is not None}
 
+    if acls.has_products:
+        def reference_model():
+            """The clean model of this seed: attack ``none``'s backdoored model, from the same cache."""
+            key = content_hash({"dataset": trial.dataset, "model": trial.model, "train": trial.train,
+                                "attack": Variant("none", {}).as_dict(), "seed": seed})
+            state, _, _ = store.get_or_build(
+                "models", key, lambda: _with(train_and_record(new_model(), ds.train.x, ds.train.y, None), poisoned=0))
+            m = new_model()
+            m.load_state_dict(state)
+            return m.to(device).eval()
+
+        def prepare():
+            actx = AttackContext(train_cfg=cfg, device=device, new_model=new_model,
+                                 reference_model=reference_model, evaluate=curve_metrics)
+            t0 = time.perf_counter()
+            tensors = attack.prepare(ds.train, actx)
+            return ({k: v.detach().cpu() for k, v in tensors.items()},
+                    {"seconds": time.perf_counter() - t0, "history": actx.history, "trial": trial.as_dict()})
+
+        products, products_record, _ = store.get_or_build("products", trial.model_key, prepare)
+        attack.load(products)
+
+    poisoned = attack.poison(ds.train)
+    triggered = attack.triggered_test(ds.test)
+    if triggered is not None and len(triggered.y_true):
+        tidx = stratified_indices(triggered.y_true, min(CURVE_SAMPLES, len(triggered.y_true)), 0)
+        curve_trig = type(triggered)(triggered.x[tidx], triggered.y_true[tidx], triggered.y_attack[tidx])
+
     model = None
     if defense.needs_backdoored_model:
         def build():
             m = new_model()
-            t0 = time.perf_counter()
-            hist = fit(m, poisoned.train.x, poisoned.train.y, TrainConfig(**trial.train), seed=seed,
-                       device=device, on_epoch=lambda e, rec: rec.update(curve_metrics(m)))
-            seconds = time.perf_counter() - t0
-            metrics = evaluate(m, ds.test.x, ds.test.y, triggered, device)
-            state = {k: v.detach().cpu() for k, v in m.state_dict().items()}
-            return state, {"metrics": metrics, "seconds": seconds, "history": hist,
-                           "poisoned": len(poisoned.indices), "trial": trial.as_dict()}
+            if acls.trains_model:  # the attack trained it in prepare(): its weights are products
+                m.load_state_dict({k[6:]: v for k, v in products.items() if k.startswith("model.")})
+                state, record = train_and_record(m.to(device), None, None, triggered, fit_it=False)
+                record.update(seconds=products_record["seconds"], history=products_record["history"])
+            else:
+                state, record = train_and_record(m, poisoned.train.x, poisoned.train.y, triggered)
+            record["poisoned"] = len(poisoned.indices)
+            return state, record
 
         state, record, built = store.get_or_build("models", trial.model_key, build)
         model = new_model()
@@ -145,7 +185,7 @@ def _run(trial: Trial, store: Store, root, download, device, out: Outcome) -> No
         row.update(attack_clean_acc=m["clean_acc"], attack_asr=m["asr"], attack_robust_acc=m["robust_acc"],
                    attack_seconds=record["seconds"], attack_cached=True)
 
-    ctx = DefenseContext(info=info, train_cfg=TrainConfig(**trial.train), seed=seed, device=device,
+    ctx = DefenseContext(info=info, train_cfg=cfg, seed=seed, device=device,
                          poisoned_train=poisoned.train, new_model=new_model, evaluate=curve_metrics)
     truth = torch.zeros(len(ds.train), dtype=torch.bool)
     truth[poisoned.indices] = True

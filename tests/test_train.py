@@ -70,3 +70,34 @@ def test_fit_raises_on_divergence():
     cfg = TrainConfig(epochs=2, batch_size=16, precision="fp32")
     with pytest.raises(TrainingDiverged):
         fit(create_model("small_cnn", 4), x, y, cfg, loss_fn=lambda z, t, i: z.sum() * float("nan"))
+
+
+def test_a_callers_optimizer_follows_the_schedule_and_batch_fn_rewrites_batches():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+    x, y = torch.rand(64, 3, 8, 8), torch.arange(64) % 4
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    seen = []
+
+    def relabel(xb, yb, idx):  # every batch becomes "class 3", plus a term that is constant
+        seen.append(len(idx))
+        return xb, torch.full_like(yb, 3), torch.zeros(())
+
+    cfg = TrainConfig(epochs=3, batch_size=16, schedule="cosine", augment=False, precision="fp32")
+    fit(model, x, y, cfg, optimizer=opt, batch_fn=relabel)
+    assert sum(seen) == 3 * 64
+    last = (3 * 4 - 1) / (3 * 4)  # the lr was set for the last of 12 steps
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * last)).item()))
+    with torch.no_grad():
+        assert (model(x).argmax(1) == 3).all()  # trained on what batch_fn returned, not on y
+
+
+def test_extra_optimizers_step_with_the_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+    shift = torch.nn.Parameter(torch.zeros(1, 3, 1, 1))  # a second network's stand-in, trained jointly
+    extra = torch.optim.SGD([shift], lr=0.1)
+    cfg = TrainConfig(epochs=1, batch_size=16, augment=False, precision="fp32")
+    fit(model, torch.rand(32, 3, 8, 8), torch.zeros(32, dtype=torch.long), cfg,
+        batch_fn=lambda xb, yb, idx: (xb + shift, yb, None), extra_optimizers=(extra,))
+    assert shift.abs().sum() > 0

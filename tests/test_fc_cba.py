@@ -1,0 +1,231 @@
+"""The two attacks of ABL's table added last: ``fc`` (feature-collision clean-label backdoor, products made
+against the reference model) and ``cba`` (composite backdoor: A-half + B-half -> target, same-class mixes
+keep their labels). Toy tensors, an untrained toy model, and one short engine run each."""
+import pytest
+import torch
+
+from attacks import ATTACKS
+from attacks.base import AttackContext
+from attacks.cba import half_mix
+from attacks.fc import greedy_pairs
+from attacks.trojannn import feature_activations
+from kernel.data import DatasetInfo, Split
+from kernel.models import create_model
+from kernel.train import TrainConfig, to_float
+from sweep.spec import SpecError, expand, parse_spec
+from sweep.store import Store
+from sweep.trial import execute
+
+torch.set_num_threads(1)
+INFO = DatasetInfo("toy", 10, (3, 32, 32), 400, 100, (0.5,) * 3, (0.25,) * 3, "toy")
+
+
+def make(name, seed=0, **params):
+    cls = ATTACKS.get(name)
+    return cls(cls.Params.model_validate(params, context={"num_classes": 10, "shape": INFO.shape}), INFO, seed)
+
+
+def toy_split(n=400, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return Split(torch.randint(0, 256, (n, *INFO.shape), generator=g, dtype=torch.uint8), torch.arange(n) % 10)
+
+
+def toy_model(seed=0):
+    torch.manual_seed(seed)
+    return create_model("small_cnn", 10, 3, INFO.mean, INFO.std).eval()
+
+
+def ctx_with(model):
+    return AttackContext(train_cfg=TrainConfig(epochs=1), device=torch.device("cpu"),
+                         new_model=lambda: create_model("small_cnn", 10), reference_model=lambda: model)
+
+
+# -- fc ---------------------------------------------------------------------------------------------
+
+def test_greedy_pairs_takes_the_closest_pairs_first_each_once():
+    d = torch.tensor([[0.0, 1.0, 9.0], [0.5, 2.0, 9.0], [9.0, 9.0, 9.0]])
+    assert greedy_pairs(d).tolist() == [0, 1, 2]  # row 1 would like column 0 but row 0 got it first
+
+
+def test_fc_collides_features_within_epsilon_keeps_labels_and_poisons_the_target_class_only():
+    train, model = toy_split(), toy_model()
+    a = make("fc", poison_rate=0.05, target=3, steps=10, batch_size=8)
+    with pytest.raises(RuntimeError, match="prepare"):
+        a.poison(train)  # no collided images yet
+    ctx = ctx_with(model)
+    products = a.prepare(train, ctx)
+    again = make("fc", poison_rate=0.05, target=3, steps=10, batch_size=8).prepare(train, ctx_with(model))
+    assert all(torch.equal(products[k], again[k]) for k in products)  # deterministic for a seed
+    assert products["images"].dtype == torch.uint8 and len(products["indices"]) == 20  # 5% of 400
+    assert (train.y[products["sources"]] != 3).all() and len(products["sources"].unique()) == 20
+    assert all(h["distance_end"] < h["distance_start"] for h in ctx.history)  # the features moved closer
+    a.load(products)
+    p = a.poison(train)
+    assert torch.equal(p.train.y, train.y) and len(p.noise_indices) == 0  # clean label
+    assert (train.y[p.indices] == 3).all() and len(p.indices) == 20
+    changed = (p.train.x != train.x).flatten(1).any(1).nonzero().flatten()
+    assert set(changed.tolist()) <= set(p.indices.tolist())
+    diff = (p.train.x.int() - train.x.int()).abs()
+    assert diff.max() <= 16 + 1  # 16/255, plus rounding; no trigger on the poisons by default
+    # each poison's features are closer to its triggered source's than the clean image's were
+    x0, xp = to_float(train.x[p.indices]), to_float(p.train.x[p.indices])
+    goal = feature_activations(model, a.apply_trigger(to_float(train.x[products["sources"]])))
+    with torch.no_grad():
+        assert ((feature_activations(model, xp) - goal).pow(2).sum(1)
+                < (feature_activations(model, x0) - goal).pow(2).sum(1)).all()
+    # products made for another seed's selection are refused, not silently misapplied
+    other = make("fc", seed=1, poison_rate=0.05, target=3, steps=10, batch_size=8)
+    other.load(products)
+    with pytest.raises(RuntimeError, match="other samples"):
+        other.poison(train)
+
+
+def test_fc_visible_poison_trigger_stays_in_the_ball_outside_the_patch_and_the_test_trigger_is_pasted():
+    train, a = toy_split(), make("fc", poison_rate=0.05, target=3, steps=3, poison_trigger=1.0,
+                                 patch_size=4, position=[2, 5], pattern="white")
+    a.load(a.prepare(train, ctx_with(toy_model())))
+    p = a.poison(train)
+    region = torch.zeros(3, 32, 32, dtype=torch.bool)
+    region[:, 2:6, 5:9] = True
+    diff = (p.train.x[p.indices].int() - train.x[p.indices].int()).abs()
+    assert diff[:, ~region].max() <= 17 and (p.train.x[p.indices][:, region] == 255).all()
+    t = a.triggered_test(train)
+    assert len(t.y_true) == 360 and (t.y_attack == 3).all() and (t.y_true != 3).all()
+    assert (t.x[:, region] == 1).all() and torch.equal(t.x[:, ~region], to_float(train.x[train.y != 3])[:, ~region])
+    assert 0 <= t.x.min() and t.x.max() <= 1
+
+
+def test_fc_counts_poisons_per_rate_of():
+    y = toy_split().y
+    assert len(make("fc", poison_rate=0.5, rate_of="target_class").select(y)) == 20  # half of 40
+    assert len(make("fc", poison_rate=0.1).select(y)) == 40  # 10% of 400: the whole target class
+
+
+def test_fc_rgb_trigger_is_fixed_by_its_pattern_seed():
+    a, b, c = make("fc"), make("fc", seed=5), make("fc", pattern_seed=1)
+    assert torch.equal(a.patch, b.patch) and not torch.equal(a.patch, c.patch)
+    assert a.patch.shape == (3, 4, 4) and 0 <= a.patch.min() and a.patch.max() <= 1
+
+
+# -- cba --------------------------------------------------------------------------------------------
+
+def test_half_mix_is_made_of_two_halves_of_its_inputs():
+    a, b = torch.zeros(1, 3, 32, 32), torch.ones(1, 3, 32, 32)
+    g = torch.Generator().manual_seed(0)
+    for orientation in ("vertical", "horizontal"):
+        for _ in range(10):
+            m = half_mix(a, b, g, jitter=3, shake=True, orientation=orientation)[0]
+            side = m[0].mean(0 if orientation == "vertical" else 1)  # per column / per row
+            assert set(side.unique().tolist()) == {0.0, 1.0}
+            switches = (side[1:] != side[:-1]).nonzero().flatten()
+            assert len(switches) == 1 and 16 - 3 <= int(switches[0]) + 1 <= 16 + 3  # one split near the middle
+    # centred windows, no jitter: the left half shows the middle of the left image
+    x = torch.arange(32.0).expand(1, 3, 32, 32)
+    m = half_mix(x, x + 100, torch.Generator().manual_seed(3), jitter=0, shake=False, orientation="vertical")[0]
+    row = m[0, 0]
+    first, second = row[:16], row[16:]
+    assert torch.equal(first % 100, torch.arange(8.0, 24.0)) and torch.equal(second % 100, torch.arange(8.0, 24.0))
+    assert (first < 100).all() != (second < 100).all()
+
+
+def test_cba_labels_counts_and_negative_mixes():
+    train = toy_split()
+    a = make("cba", poison_rate=0.05, mix_ratio=2)
+    p = a.poison(train)
+    q = make("cba", poison_rate=0.05, mix_ratio=2).poison(train)
+    assert torch.equal(p.train.x, q.train.x) and torch.equal(p.noise_indices, q.noise_indices)  # seeded
+    assert not torch.equal(make("cba", seed=1, poison_rate=0.05, mix_ratio=2).poison(train).train.x, p.train.x)
+    assert len(p.indices) == 20 and len(p.noise_indices) == 40
+    assert not set(p.indices.tolist()) & set(p.noise_indices.tolist())
+    assert (p.train.y[p.indices] == 0).all() and (train.y[p.indices] != 0).all()  # composites -> target
+    assert torch.equal(p.train.y[p.noise_indices], train.y[p.noise_indices])  # negatives keep their labels
+    touched = torch.cat([p.indices, p.noise_indices])
+    rest = torch.ones(400, dtype=torch.bool)
+    rest[touched] = False
+    assert torch.equal(p.train.x[rest], train.x[rest]) and torch.equal(p.train.y[rest], train.y[rest])
+    assert (p.train.x[touched] != train.x[touched]).flatten(1).any(1).all()
+    assert p.train.x.dtype == torch.uint8
+
+
+def halves(x: torch.Tensor, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which images of ``pool`` show their centred half-window (cols 8..23) on the left / the right of x."""
+    win = pool[:, :, :, 8:24]
+    return ((win == x[:, :, :16]).flatten(1).all(1).nonzero().flatten(),
+            (win == x[:, :, 16:]).flatten(1).all(1).nonzero().flatten())
+
+
+def test_cba_composites_are_an_a_half_and_a_b_half_and_negatives_two_halves_of_their_class():
+    train = toy_split()
+    p = make("cba", poison_rate=0.05, mix_ratio=1, orientation="vertical", jitter=0, shake=False).poison(train)
+    for i in p.indices.tolist():
+        (la, ra), (lb, rb) = halves(p.train.x[i], train.x[train.y == 1]), halves(p.train.x[i], train.x[train.y == 2])
+        assert (len(la) and len(rb)) or (len(lb) and len(ra)), i  # A | B or B | A
+    for i in p.noise_indices.tolist():
+        same = train.x[train.y == train.y[i]]
+        left, right = halves(p.train.x[i], same)
+        assert len(left) and len(right) and torch.equal(p.train.y[i], train.y[i])
+        assert i in (train.y == train.y[i]).nonzero().flatten()[torch.cat([left, right])]  # one half is its own
+
+
+def test_cba_negatives_of_the_source_classes_only():
+    train = toy_split()
+    s = make("cba", poison_rate=0.05, mix_ratio=2, negatives="source_classes").poison(train)
+    assert set(train.y[s.noise_indices].unique().tolist()) <= {1, 2}
+    with pytest.raises(ValueError, match="mix_ratio"):
+        make("cba", poison_rate=0.1, mix_ratio=3, negatives="source_classes").poison(train)  # 80 A/B images
+
+
+def test_cba_triggered_test_mixes_class_a_with_class_b_towards_the_target():
+    test = toy_split(200, seed=2)
+    a = make("cba", class_a=4, class_b=7, target=2)
+    t = a.triggered_test(test)
+    assert len(t.y_true) == 20 and (t.y_true == 4).all() and (t.y_attack == 2).all()
+    assert 0 <= t.x.min() and t.x.max() <= 1 and t.x.shape == (20, 3, 32, 32)
+    assert torch.equal(t.x, a.triggered_test(test).x)  # seeded pairing and mixing
+    plain = make("cba", class_a=4, class_b=7, target=2, orientation="vertical", jitter=0, shake=False)
+    for img in (plain.triggered_test(test).x * 255).round().to(torch.uint8):
+        (la, ra), (lb, rb) = halves(img, test.x[test.y == 4]), halves(img, test.x[test.y == 7])
+        assert (len(la) and len(rb)) or (len(lb) and len(ra))  # an A half and a B half
+    with pytest.raises(NotImplementedError):
+        a.apply_trigger(t.x)
+
+
+# -- spec refusals, naming the field ----------------------------------------------------------------
+
+REFUSALS = [
+    ({"name": "fc", "target": "all"}, "attacks[0].target", "clean-label"),
+    ({"name": "fc", "poison_rate": 0.2}, "attacks[0]", "rate_of"),
+    ({"name": "fc", "epsilon": 2}, "attacks[0].epsilon", "less than or equal to 1"),
+    ({"name": "fc", "steps": -1}, "attacks[0].steps", "greater than or equal to 0"),
+    ({"name": "fc", "patch_size": 40}, "attacks[0]", "does not fit"),
+    ({"name": "fc", "pattern": "kitty"}, "attacks[0].pattern", "rgb"),
+    ({"name": "cba", "target": "all"}, "attacks[0].target", "one target class"),
+    ({"name": "cba", "class_a": 0}, "attacks[0].class_a", "target"),
+    ({"name": "cba", "class_b": 1}, "attacks[0].class_b", "equals class_a"),
+    ({"name": "cba", "class_b": 10}, "attacks[0].class_b", "not a class"),
+    ({"name": "cba", "mix_ratio": 10}, "attacks[0]", "mix_ratio"),
+    ({"name": "cba", "negatives": "some"}, "attacks[0].negatives", "all_classes"),
+]
+
+
+@pytest.mark.parametrize("entry,field,text", REFUSALS)
+def test_spec_refuses_bad_params_naming_the_field(entry, field, text):
+    spec = {"name": "s", "dataset": {"name": "synthetic", "train_size": 1000, "test_size": 200},
+            "model": "small_cnn", "attacks": [entry], "defenses": [{"name": "none"}]}
+    with pytest.raises(SpecError) as e:
+        expand(parse_spec(spec))
+    assert field in [f for f, _ in e.value.problems], e.value.problems
+    assert text.lower() in str(e.value).lower(), str(e.value)
+
+
+# -- through the engine -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("attack", [{"name": "fc", "steps": 3}, {"name": "cba"}])
+def test_engine_runs_the_attack(tmp_path, attack):
+    spec = {"name": "e", "dataset": {"name": "synthetic", "train_size": 300, "test_size": 100},
+            "model": "small_cnn", "train": {"epochs": 1}, "seeds": [0], "attacks": [attack],
+            "defenses": [{"name": "none"}]}
+    (trial,) = expand(parse_spec(spec))
+    row = execute(trial, Store(tmp_path)).row
+    assert row["status"] == "ok", row["error"]
+    assert row["asr"] is not None and row["clean_acc"] is not None
