@@ -223,6 +223,23 @@ def test_every_attack_with_defaults_expands():
         cls(cls.Params.model_validate(t.attack.params), INFO, 0)  # the resolved params round-trip
 
 
+def test_every_registered_attack_is_documented_expands_and_is_in_the_cifar10_table_sweep():
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    doc = (root / "docs" / "attacks.md").read_text()
+    example = yaml.safe_load((root / "examples" / "attacks_cifar10.yaml").read_text())
+    in_example = {a["name"] for a in example["attacks"]}
+    for name in ATTACKS.names():
+        assert f"| `{name}` |" in doc, f"{name} has no row in docs/attacks.md"
+        assert name in in_example, f"{name} is missing from examples/attacks_cifar10.yaml"
+        (t,) = expand_attack({"name": name})
+        cls = ATTACKS.get(name)
+        cls(cls.Params.model_validate(t.attack.params), INFO, 0)
+
+
 REFUSALS = [
     ({"name": "sig", "target": "all"}, "attacks[0].target", "clean-label"),
     ({"name": "sig", "poison_rate": 0.2}, "attacks[0]", "rate_of"),
