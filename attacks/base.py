@@ -131,6 +131,13 @@ class Attack:
     def num_poison(self, n_train: int) -> int:
         return round(self.params.poison_rate * n_train)
 
+    @classmethod
+    def num_extra(cls, params: AttackParams, n_poison: int) -> int:
+        """Images altered besides the poisons (``Poisoned.noise_indices``: WaNet's noise samples, CBA's
+        negative mixes, input-aware's cross samples); none by default. The spec counts them out of the
+        defender's clean pool (before any data or file is loaded: a classmethod)."""
+        return 0
+
     def prepare(self, train: Split, ctx: AttackContext) -> dict[str, torch.Tensor]:
         """Compute the attack's by-products from the clean training set (``has_products`` attacks)."""
         raise NotImplementedError

@@ -158,8 +158,9 @@ class CompositeBackdoor(Attack):
         raise NotImplementedError("cba: the trigger is a composite of two images, not a stamp on one; see "
                                   "poison() and triggered_test()")
 
-    def num_negatives(self, n_poison: int) -> int:
-        return round(self.params.mix_ratio * n_poison)
+    @classmethod
+    def num_extra(cls, params, n_poison: int) -> int:
+        return round(params.mix_ratio * n_poison)
 
     def poison(self, train: Split) -> Poisoned:
         p, y0 = self.params, train.y
@@ -180,7 +181,7 @@ class CompositeBackdoor(Attack):
         if p.negatives == "source_classes":
             free &= (y0 == p.class_a) | (y0 == p.class_b)
         pool = free.nonzero().flatten()
-        n = self.num_negatives(len(idx))
+        n = self.num_extra(self.params, len(idx))
         if n > len(pool):
             raise ValueError(f"cba: mix_ratio {p.mix_ratio} asks for {n} negative mixes but only {len(pool)} "
                              f"{'class-A/B ' if p.negatives == 'source_classes' else ''}samples are left")

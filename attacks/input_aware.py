@@ -327,13 +327,14 @@ class InputAware(Attack):
         self.gen, self.mask_net = gen, mask_net
 
     # -- static poisoning (training-time defenses, clean-set exclusion) ---------------------------
-    def num_cross(self, n_poison: int) -> int:
-        return round(self.params.cross_ratio * n_poison)
+    @classmethod
+    def num_extra(cls, params, n_poison: int) -> int:
+        return round(params.cross_ratio * n_poison)
 
     def poison(self, train: Split) -> Poisoned:
         base = super().poison(train)
         idx, n = base.indices, len(train)
-        k = self.num_cross(len(idx))
+        k = self.num_extra(self.params, len(idx))
         cross, g = self.draw_unpoisoned(n, idx, k, "cross samples")
         x = base.train.x
         if k:

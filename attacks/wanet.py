@@ -77,13 +77,14 @@ class WaNet(Attack):
         noise = (torch.rand(len(x), h, w, 2, generator=gen) * 2 - 1) / self.size
         return self._warp(x, (self.grid + noise).clamp(-1, 1))
 
-    def num_noise(self, n_poison: int) -> int:
-        return round(self.params.cross_ratio * n_poison)
+    @classmethod
+    def num_extra(cls, params, n_poison: int) -> int:
+        return round(params.cross_ratio * n_poison)
 
     def poison(self, train: Split) -> Poisoned:
         base = super().poison(train)
         idx = base.indices
-        n = self.num_noise(len(idx))
+        n = self.num_extra(self.params, len(idx))
         cross, g = self.draw_unpoisoned(len(train), idx, n, "noise samples")
         x = base.train.x
         if n:

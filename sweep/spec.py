@@ -246,8 +246,7 @@ def expand(spec: SweepSpec) -> list[Trial]:
     # cross-field: every defender's clean set must fit in the pool the attacker left clean
     for ai, avs in enumerate(attacks):
         for av in avs:
-            n_pois = round(av.params.get("poison_rate", 0) * n_train)
-            pool = n_train - n_pois
+            pool = n_train - _altered(av, n_train, info.num_classes)
             for di, dvs in enumerate(defenses):
                 for dv in dvs:
                     cs = dv.params.get("clean_size")
@@ -270,6 +269,18 @@ def expand(spec: SweepSpec) -> list[Trial]:
                     Trial(spec.name, tid, model_key, dataset, spec.model, train, seed, av, dv))
     ordered = [t for wave in itertools.zip_longest(*groups.values()) for t in wave if t is not None]
     return list({t.trial_id: t for t in ordered}.values())
+
+
+def _altered(av: Variant, n_train: int, num_classes: int) -> int:
+    """Training images the attack alters (poisons and its noise/mix/cross samples): not clean. A rate of
+    the target class is counted on a balanced class (the labels are not loaded yet); the trial's own
+    clean-set draw has the exact count."""
+    if "poison_rate" not in av.params:
+        return 0
+    cls = ATTACKS.get(av.name)
+    per = n_train / num_classes if av.params.get("rate_of") == "target_class" else n_train
+    n = round(av.params["poison_rate"] * per)
+    return n + cls.num_extra(cls.Params.model_validate(av.params), n)
 
 
 def load_spec(path: str | Path) -> SweepSpec:

@@ -150,3 +150,16 @@ def test_cli_missing_data_root_is_one_clear_error(tmp_path):
     assert r.exit_code == 2, r.output
     assert "dataset:" in r.output and "train/<class>" in r.output  # names the expected layout
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("attack,left", [({"name": "badnets"}, 900), ({"name": "wanet"}, 700),
+                                         ({"name": "cba", "mix_ratio": 2}, 700),
+                                         ({"name": "input_aware"}, 700),
+                                         ({"name": "sig", "rate_of": "target_class", "poison_rate": 0.5}, 950)])
+def test_the_clean_pool_excludes_an_attacks_noise_mix_and_cross_samples(attack, left):
+    """1,000 training images, 10% poisoned: the pool is what neither poisons nor noise samples touched."""
+    base = {"name": "s", "dataset": {"name": "synthetic", "train_size": 1000, "test_size": 100},
+            "model": "small_cnn", "attacks": [attack]}
+    expand(parse_spec({**base, "defenses": [{"name": "finetune", "clean_size": left}]}))  # fits exactly
+    with pytest.raises(SpecError, match=rf"defenses\[0\].clean_size.*clean pool \({left} images\)"):
+        expand(parse_spec({**base, "defenses": [{"name": "finetune", "clean_size": left + 1}]}))
