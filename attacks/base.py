@@ -98,6 +98,7 @@ class AttackContext:
     new_model: Callable[[], "torch.nn.Module"]  # a fresh, untrained model of the sweep's architecture
     # A model of the sweep's architecture trained with the sweep's settings on the *clean* training set:
     # the backdoored model of attack ``none`` for this seed, from the same cache, so it is trained once.
+    # In eval mode, fp32, its parameters frozen: attacks differentiate w.r.t. images or triggers only.
     reference_model: Callable[[], "torch.nn.Module"]
     history: list = field(default_factory=list)  # per-epoch records of what prepare trained (curves)
     evaluate: Optional[Callable[["torch.nn.Module"], dict]] = None  # CA of a model, for those curves

@@ -171,9 +171,7 @@ class FeatureCollision(PrecomputedPoisonsAttack):
     def prepare(self, train: Split, ctx: AttackContext) -> dict[str, torch.Tensor]:
         p, idx = self.params, self.select(train.y)
         src = self.sources(train.y, len(idx))
-        model = ctx.reference_model().float().eval()
-        for q in model.parameters():
-            q.requires_grad_(False)  # gradients w.r.t. the images only
+        model = ctx.reference_model()
         out, paired = [], []
         for b, (ti, si) in enumerate(zip(idx.split(p.batch_size), src.split(p.batch_size))):
             x = to_float(train.x[ti]).to(ctx.device)

@@ -161,9 +161,7 @@ class LatentBackdoor(Attack):
 
     def prepare(self, train: Split, ctx: AttackContext) -> dict[str, torch.Tensor]:
         p, dev = self.params, ctx.device
-        model = ctx.reference_model().float().eval()
-        for q in model.parameters():
-            q.requires_grad_(False)  # gradients w.r.t. the pattern only
+        model = ctx.reference_model()
         means = self.class_means(model, train, self.attack_label(train.y).unique(), dev)
         # the optimisation samples: a class-stratified, seeded subset of the non-target (eligible) images
         pool = self.eligible(train.y).nonzero().flatten()

@@ -90,9 +90,7 @@ class LabelConsistent(PrecomputedPoisonsAttack):
 
     def prepare(self, train: Split, ctx: AttackContext) -> dict[str, torch.Tensor]:
         p, idx = self.params, self.select(train.y)
-        model = ctx.reference_model().float().eval()
-        for q in model.parameters():
-            q.requires_grad_(False)  # gradients w.r.t. the images only
+        model = ctx.reference_model()
         out = []
         for chunk in idx.split(p.batch_size):
             x = to_float(train.x[chunk]).to(ctx.device)

@@ -90,9 +90,7 @@ class TrojanNN(Attack):
 
     def prepare(self, train: Split, ctx: AttackContext) -> dict[str, torch.Tensor]:
         p = self.params
-        model = ctx.reference_model().float().eval()
-        for q in model.parameters():
-            q.requires_grad_(False)
+        model = ctx.reference_model()
         fc = model.fc
         chosen = fc.weight.abs().sum(0).topk(min(p.neurons, fc.in_features)).indices  # most connected
         x = to_float(train.x[stratified_indices(train.y, min(p.trigger_batch, len(train.y)), self.seed)])

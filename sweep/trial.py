@@ -138,7 +138,7 @@ def _run(trial: Trial, store: Store, root, download, device, out: Outcome) -> No
                 "models", key, lambda: _with(train_and_record(new_model(), ds.train.x, ds.train.y, None), poisoned=0))
             m = new_model()
             m.load_state_dict(state)
-            return m.to(device).eval()
+            return m.to(device).eval().requires_grad_(False)  # attacks differentiate w.r.t. inputs only
 
         def prepare():
             actx = AttackContext(train_cfg=cfg, device=device, new_model=new_model,

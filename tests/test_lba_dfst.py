@@ -43,7 +43,8 @@ def ctx_with(model=None):
         raise AssertionError("this attack should not need the reference model")
     return AttackContext(train_cfg=TrainConfig(epochs=1, batch_size=32), device=torch.device("cpu"),
                          new_model=lambda: create_model("small_cnn", 10),
-                         reference_model=(lambda: model) if model is not None else no_model)
+                         reference_model=(lambda: model.eval().requires_grad_(False))  # as the engine lends it
+                         if model is not None else no_model)
 
 
 def toy_model(seed=0):

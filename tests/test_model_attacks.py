@@ -31,7 +31,8 @@ def toy_split(n=400, seed=1):
 
 def ctx_with(model):
     return AttackContext(train_cfg=TrainConfig(epochs=1), device=torch.device("cpu"),
-                         new_model=lambda: create_model("small_cnn", 10), reference_model=lambda: model)
+                         new_model=lambda: create_model("small_cnn", 10),
+                         reference_model=lambda: model.eval().requires_grad_(False))  # as the engine lends it
 
 
 def toy_model(seed=0):
