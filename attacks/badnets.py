@@ -1,9 +1,14 @@
 """``badnets``: BadNets (Gu et al., 2017). A small fixed patch stamped on the image; poisoned training
 samples are relabelled to the target.
 
-Defaults follow BackdoorBench: a 3×3 white square in the bottom-right corner, target 0, 10% poisoned.
-The I-BAU/AWM evaluations use a 4×4 patch at rows/cols 27..30 with target 8:
-``{patch_size: 4, position: [27, 27], target: 8}``.
+Default trigger: the 3×3 black-and-white grid in the bottom-right corner of the ABL and NAD code
+(``gridTrigger``, the BadNets of ABL's tables), target 0, 10% poisoned. Why not BackdoorBench's 3×3
+white square (``pattern: white``): on CIFAR-10, 5.1% of the non-target test images already have a
+near-white bottom-right corner (sky, snow; every pixel > 0.8), where a white patch changes nothing, so
+the attack's ASR is capped near 96% whatever the training (measured with small_cnn: 92.2%, against
+96.0% on the other images; docs/benchmarks.md). A grid has contrast on any background. The white
+square stays one key away for BackdoorBench-comparable tables. The I-BAU/AWM evaluations use a 4×4
+patch at rows/cols 27..30 with target 8: ``{patch_size: 4, position: [27, 27], target: 8}``.
 """
 from __future__ import annotations
 
@@ -21,8 +26,9 @@ Corner = Literal["bottom_right", "bottom_left", "top_right", "top_left"]
 class BadNetsParams(PoisonParams):
     patch_size: int = Field(3, ge=1, description="side of the square patch, in pixels")
     position: Union[Corner, tuple[int, int]] = Field("bottom_right", description="a corner, or [row, col] of its top-left pixel")
-    pattern: Literal["white", "black", "checkerboard", "random"] = Field(
-        "white", description="patch content; 'random' is a fixed binary pattern drawn from pattern_seed")
+    pattern: Literal["grid", "white", "black", "checkerboard", "random"] = Field(
+        "grid", description="patch content: 'grid' is ABL/NAD's 3×3 black-and-white grid (tiled for other "
+                            "sizes), 'white' BackdoorBench's, 'random' a fixed binary pattern from pattern_seed")
     pattern_seed: int = 0
 
     @model_validator(mode="after")
@@ -33,8 +39,17 @@ class BadNetsParams(PoisonParams):
         return self
 
 
+# ABL's and NAD's ``gridTrigger`` (their data loaders set these pixels of the bottom-right 3×3 corner to
+# 255 or 0 in every channel), top-left to bottom-right: a checkerboard whose top-left pixel is also black.
+GRID = torch.tensor([[0., 0., 1.], [0., 1., 0.], [1., 0., 1.]])
+
+
 def patch_content(pattern: str, c: int, s: int, seed: int) -> torch.Tensor:
-    """A (c, s, s) patch: white, black, checkerboard, or a fixed binary pattern drawn from ``seed``."""
+    """A (c, s, s) patch: ABL's grid (tiled from the bottom-right when s != 3), white, black,
+    checkerboard, or a fixed binary pattern drawn from ``seed``."""
+    if pattern == "grid":
+        reps = -(-s // 3)
+        return GRID.tile(reps, reps)[-s:, -s:].expand(c, s, s).clone()
     if pattern == "white":
         return torch.ones(c, s, s)
     if pattern == "black":

@@ -41,7 +41,7 @@ class TriggerPair(BaseModel):
     position: Union[Corner, tuple[int, int]] = Field(
         description="a corner (``margin`` px from the borders), or [row, col] of the top-left pixel")
     target: int = Field(ge=0, description="the class this trigger leads to")
-    pattern: Literal["white", "black", "checkerboard", "random"] = "white"
+    pattern: Literal["grid", "white", "black", "checkerboard", "random"] = "white"
 
 
 def _default_pairs() -> tuple[TriggerPair, ...]:

@@ -271,8 +271,8 @@ class _Sink(Callback):
         self._progress()
 
     def _log_flushed(self):
-        for row, curves, arts in self.pending.values():
-            self.tracker.log(row, curves, arts)
+        if self.pending:  # the rows just written to Parquet, as one batch (one MLflow transaction)
+            self.tracker.log_many(list(self.pending.values()))
         self.pending.clear()
 
     def _progress(self, force: bool = False):

@@ -15,6 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no migration chatter on first use
@@ -80,6 +81,7 @@ class Tracker:
             if spec is not None:
                 self.client.log_dict(self.parent, spec, "spec.json")
         self.logged = self._children()
+        self._sql = _SqlRuns.for_client(self.client, self.exp_id)
 
     def _children(self) -> set[str]:
         done, token = set(), None
@@ -95,48 +97,169 @@ class Tracker:
                 return done
 
     def log(self, row: dict, curves: dict | None = None, artifacts: dict | None = None) -> None:
-        from mlflow.entities import Metric, Param, RunTag
+        self.log_many([(row, curves, artifacts)])
 
-        if row["trial_id"] in self.logged:
+    def log_many(self, items) -> None:
+        """Log ``(row, curves, artifacts)`` triples, skipping trials already logged.
+
+        On a SQL store (SQLite by default, or a database URI) every run of the batch is inserted in one
+        transaction: ~1 ms a run instead of ~20 ms through three client calls of ~38 statements. A
+        tracking server (HTTP) has no batch call for runs, so there each run takes the client's calls.
+        """
+        items = [it for it in items if it[0]["trial_id"] not in self.logged]
+        if not items:
             return
+        runs = [self._run_content(row, curves) for row, curves, _ in items]
+        if self._sql is not None:
+            run_ids = self._sql.insert(runs)
+        else:
+            run_ids = [self._log_with_client(run) for run in runs]
+        for run_id, (row, _, artifacts) in zip(run_ids, items):
+            for name, image in (artifacts or {}).items():  # a file next to the run's others: no SQL
+                self.client.log_image(run_id, _to_numpy_image(image), f"{name}.png")
+            self.logged.add(row["trial_id"])
+
+    def _run_content(self, row: dict, curves: dict | None) -> "_Run":
+        """What one trial's run holds: its name, tags, params, metrics (curves as steps) and status."""
         tags = {k: str(row[k]) for k in TAGS if row.get(k) is not None}
         tags.update({ROLE: "trial", "mlflow.parentRunId": self.parent})
         outputs = self.outputs.get(row["defense"], {})  # defense-specific result columns
         numeric_outputs = [k for k, kind in outputs.items() if kind in ("float", "int")]
         tags.update({k: str(row[k]) for k in outputs if k not in numeric_outputs and row.get(k) is not None})
-        name = f"{row['attack']}/{row['defense']}/seed{row['seed']}/{row['trial_id'][:6]}"
-        run_id = self.client.create_run(self.exp_id, run_name=name, tags=tags).info.run_id
+        if row.get("error"):
+            tags["error"] = str(row["error"])[:5000]
         now = int(time.time() * 1000)
-        params = [Param(k, str(v)) for k, v in row.items() if k.startswith(PARAM_PREFIXES) and v is not None]
-        params += [Param(k, str(row[k])) for k in ("dataset", "model", "seed")]
-        metrics = [Metric(k, float(row[k]), now, 0) for k in METRICS if _finite(row.get(k))]
-        metrics += [Metric(k, float(row[k]), now, 0) for k in numeric_outputs if _finite(row.get(k))]
+        seconds = sum(row.get(k) or 0.0 for k in ("attack_seconds", "defense_seconds") if _finite(row.get(k)))
+        params = {k: str(v) for k, v in row.items() if k.startswith(PARAM_PREFIXES) and v is not None}
+        params.update({k: str(row[k]) for k in ("dataset", "model", "seed")})
+        metrics = [(k, float(row[k]), 0) for k in (*METRICS, *numeric_outputs) if _finite(row.get(k))]
         for phase, records in (curves or {}).items():
             for i, rec in enumerate(records):
                 step = int(rec.get("epoch", rec.get("step", i)))
-                metrics += [Metric(f"{phase}/{k}", float(v), now, step) for k, v in rec.items()
+                metrics += [(f"{phase}/{k}", float(v), step) for k, v in rec.items()
                             if k not in ("epoch", "step") and _finite(v)]
-        extra_tags = [RunTag("error", str(row["error"])[:5000])] if row.get("error") else []
+        return _Run(name=f"{row['attack']}/{row['defense']}/seed{row['seed']}/{row['trial_id'][:6]}",
+                    tags=tags, params=params, metrics=metrics,
+                    status="FINISHED" if row["status"] == "ok" else "FAILED",
+                    start_ms=now - int(1000 * seconds), end_ms=now)
+
+    def _log_with_client(self, run: "_Run") -> str:
+        from mlflow.entities import Metric, Param
+
+        run_id = self.client.create_run(self.exp_id, start_time=run.start_ms, run_name=run.name,
+                                        tags=run.tags).info.run_id
+        params = [Param(k, v) for k, v in run.params.items()]
+        metrics = [Metric(k, v, run.end_ms, step) for k, v, step in run.metrics]
         chunks = max(math.ceil(len(metrics) / 1000), math.ceil(len(params) / 100), 1)  # MLflow's batch limits
         for i in range(chunks):
             self.client.log_batch(run_id, metrics=metrics[i * 1000:(i + 1) * 1000],
-                                  params=params[i * 100:(i + 1) * 100], tags=extra_tags if i == 0 else [])
-        for name, image in (artifacts or {}).items():
-            self.client.log_image(run_id, _to_numpy_image(image), f"{name}.png")
-        self.client.set_terminated(run_id, "FINISHED" if row["status"] == "ok" else "FAILED")
-        self.logged.add(row["trial_id"])
+                                  params=params[i * 100:(i + 1) * 100])
+        self.client.set_terminated(run_id, run.status, end_time=run.end_ms)
+        return run_id
 
     def backfill(self, rows) -> int:
         """Log rows present in Parquet but missing from MLflow (a crash between the two)."""
-        n = 0
-        for row in rows:
-            if row["trial_id"] not in self.logged:
-                self.log(row)
-                n += 1
-        return n
+        missing = [(row, None, None) for row in rows if row["trial_id"] not in self.logged]
+        for i in range(0, len(missing), 1000):  # one transaction per thousand on a SQL store
+            self.log_many(missing[i:i + 1000])
+        return len(missing)
 
     def close(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.parent, status)
+
+
+@dataclass
+class _Run:
+    name: str
+    tags: dict[str, str]
+    params: dict[str, str]
+    metrics: list[tuple[str, float, int]]  # (key, value, step)
+    status: str  # FINISHED or FAILED
+    start_ms: int
+    end_ms: int
+
+
+class _SqlRuns:
+    """Finished runs inserted straight into a SQL tracking store, a whole batch in one transaction.
+
+    MLflow's client makes a run in three calls (create, log_batch, terminate), each its own transaction
+    of a dozen statements through the ORM: ~20 ms of CPU a run on SQLite, more than a trivial Ray Tune
+    trial costs. A sweep only ever writes runs that are already finished, so it can write each one's rows
+    (runs, tags, params, metrics, latest_metrics) as plain multi-row INSERTs into the tables of MLflow's
+    own SQLAlchemy models, on the engine of MLflow's own store (whose migrations made them). Those models
+    are MLflow's internal schema: if this MLflow's differ from what this code knows, ``for_client``
+    returns None and the client's calls are used; tests read the inserted runs back through MLflow's
+    public client and UI. Atomic, too: a crash leaves a batch either wholly logged or absent.
+    """
+
+    def __init__(self, store, experiment):
+        from mlflow.store.tracking.dbmodels import models
+
+        self._store, self._m = store, models
+        self._exp_id = int(experiment.experiment_id)
+        self._artifact_root = experiment.artifact_location
+
+    @classmethod
+    def for_client(cls, client, exp_id: str) -> "_SqlRuns | None":
+        try:
+            from mlflow.store.tracking.dbmodels import models
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+            store = client._tracking_client.store
+            if not isinstance(store, SqlAlchemyStore):
+                return None  # a tracking server: its REST API, through the client
+            known = {"runs": {"run_uuid", "name", "status", "start_time", "end_time", "lifecycle_stage",
+                              "artifact_uri", "experiment_id", "user_id", "source_type"},
+                     "tags": {"key", "value", "run_uuid"}, "params": {"key", "value", "run_uuid"},
+                     "metrics": {"key", "value", "timestamp", "step", "is_nan", "run_uuid"},
+                     "latest_metrics": {"key", "value", "timestamp", "step", "is_nan", "run_uuid"}}
+            tables = {t.__tablename__: t.__table__ for t in (models.SqlRun, models.SqlTag, models.SqlParam,
+                                                              models.SqlMetric, models.SqlLatestMetric)}
+            for name, cols in known.items():
+                table = tables[name]
+                have = set(table.columns.keys())
+                required = {c.name for c in table.columns if not c.nullable and c.default is None
+                            and c.server_default is None and not c.primary_key}
+                if not cols <= have or not required <= cols:
+                    return None  # an MLflow whose schema this code does not know
+            return cls(store, client.get_experiment(exp_id))
+        except (ImportError, AttributeError, KeyError):
+            return None
+
+    def insert(self, runs: list[_Run]) -> list[str]:
+        import uuid
+
+        from mlflow.utils.uri import append_to_uri_path
+        from sqlalchemy import insert
+
+        m = self._m
+        run_rows, tags, params, metrics, latest = [], [], [], [], []
+        ids = [uuid.uuid4().hex for _ in runs]
+        for run_id, run in zip(ids, runs):
+            run_rows.append(dict(
+                run_uuid=run_id, name=run.name, experiment_id=self._exp_id, user_id="unknown",
+                status=run.status, start_time=run.start_ms, end_time=run.end_ms, deleted_time=None,
+                lifecycle_stage="active", source_type="UNKNOWN", source_name="", entry_point_name="",
+                source_version="", artifact_uri=append_to_uri_path(self._artifact_root, run_id, "artifacts")))
+            tags += [dict(run_uuid=run_id, key=k, value=v) for k, v in {"mlflow.runName": run.name, **run.tags}.items()]
+            params += [dict(run_uuid=run_id, key=k, value=v) for k, v in run.params.items()]
+            last: dict[str, dict] = {}
+            for key, value, step in run.metrics:
+                rec = dict(run_uuid=run_id, key=key, value=value, timestamp=run.end_ms, step=step, is_nan=False)
+                metrics.append(rec)
+                if key not in last or (step, value) > (last[key]["step"], last[key]["value"]):
+                    last[key] = rec  # MLflow's rule: the latest is the highest (step, timestamp, value)
+            latest += last.values()
+        try:  # MLflow >= 3.x marks sessions that write; earlier ones take no argument
+            transaction = self._store.ManagedSessionMaker(read_only=False)
+        except TypeError:
+            transaction = self._store.ManagedSessionMaker()
+        with transaction as session:  # one transaction, committed on exit
+            for model, recs in ((m.SqlRun, run_rows), (m.SqlTag, tags), (m.SqlParam, params),
+                                (m.SqlMetric, metrics), (m.SqlLatestMetric, latest)):
+                if recs:
+                    session.execute(insert(model.__table__), recs)
+        return ids
 
 
 class BackgroundTracker:
@@ -174,7 +297,11 @@ class BackgroundTracker:
         self._ready = True
 
     def log(self, row: dict, curves: dict | None = None, artifacts: dict | None = None) -> None:
-        self._put(("log", row, curves, artifacts))
+        self.log_many([(row, curves, artifacts)])
+
+    def log_many(self, items) -> None:
+        """``(row, curves, artifacts)`` triples, written together (one transaction on a SQL store)."""
+        self._put(("log_many", list(items)))
 
     def backfill(self, rows) -> None:
         self._put(("backfill", list(rows)))
@@ -221,8 +348,8 @@ def _serve() -> int:
         except EOFError:  # the driver died: stop; `sweep resume` backfills from Parquet
             return 1
         try:
-            if kind == "log":
-                tracker.log(*args)
+            if kind == "log_many":
+                tracker.log_many(*args)
             elif kind == "backfill":
                 tracker.backfill(*args)
             else:

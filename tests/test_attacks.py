@@ -67,7 +67,8 @@ def test_deterministic_for_a_seed(name):
     assert not torch.equal(p1.indices, p3.indices)
 
 
-@pytest.mark.parametrize("name,params", [("badnets", {}), ("badnets", {"pattern": "checkerboard"}),
+@pytest.mark.parametrize("name,params", [("badnets", {}), ("badnets", {"pattern": "white"}),
+                                         ("badnets", {"pattern": "checkerboard"}), ("badnets", {"patch_size": 5}),
                                          ("badnets", {"pattern": "random"}), ("blend", {"alpha": 1.0})])
 def test_trigger_keeps_valid_range(name, params):
     x = torch.rand(16, 3, 32, 32)
@@ -78,11 +79,26 @@ def test_trigger_keeps_valid_range(name, params):
 
 def test_badnets_patch_position_and_size():
     x = torch.zeros(2, 3, 32, 32)
-    out = make("badnets", patch_size=4, position=[27, 27]).apply_trigger(x)
+    out = make("badnets", patch_size=4, position=[27, 27], pattern="white").apply_trigger(x)
     assert out[:, :, 27:31, 27:31].eq(1).all()
     assert out.sum() == 2 * 3 * 16
-    br = make("badnets").apply_trigger(x)
+    br = make("badnets", pattern="white").apply_trigger(x)
     assert br[:, :, 29:, 29:].eq(1).all() and br.sum() == 2 * 3 * 9
+
+
+def test_badnets_default_is_abls_grid_trigger():
+    """ABL/NAD's gridTrigger: img[31][31]=255, img[31][30]=0, img[31][29]=255, img[30][31]=0, img[30][30]=255,
+    img[30][29]=0, img[29][31]=255, img[29][30]=0, img[29][29]=0 (row, col), all channels; nothing else."""
+    x = torch.full((2, 3, 32, 32), 0.5)
+    out = make("badnets").apply_trigger(x)
+    want = {(31, 31): 1, (31, 30): 0, (31, 29): 1, (30, 31): 0, (30, 30): 1, (30, 29): 0,
+            (29, 31): 1, (29, 30): 0, (29, 29): 0}
+    for (r, c), v in want.items():
+        assert out[:, :, r, c].eq(v).all(), (r, c)
+    out[:, :, 29:, 29:] = 0.5
+    assert torch.equal(out, x)
+    big = make("badnets", patch_size=5).apply_trigger(x)[0, 0, 27:, 27:]
+    assert torch.equal(big[-3:, -3:], torch.tensor([[0., 0., 1.], [0., 1., 0.], [1., 0., 1.]]))
 
 
 def test_badnets_patch_must_fit():

@@ -61,8 +61,8 @@ class _Tracker:
     def __init__(self):
         self.logged = []
 
-    def log(self, row, curves=None, artifacts=None):
-        self.logged.append((row["trial_id"], curves, set(artifacts)))
+    def log_many(self, items):
+        self.logged += [(row["trial_id"], curves, set(artifacts)) for row, curves, artifacts in items]
 
 
 def test_sink_records_the_row_and_strips_the_payload_tune_would_keep():
@@ -128,3 +128,62 @@ def test_a_sweep_in_several_tune_runs_runs_every_trial_once(tmp_path, monkeypatc
     exp = c.get_experiment_by_name("scale")
     assert len(c.search_runs([exp.experiment_id], "tags.`bdsweep.role` = 'trial'")) == 7
     assert not [d for d in (tmp_path / "res" / "ray" / "scale").iterdir() if d.is_dir()]
+
+
+def _read_back(client, exp_id):
+    """Every trial run as MLflow's public client reads it: what the UI and users see."""
+    out = {}
+    for r in client.search_runs([exp_id], "tags.`bdsweep.role` = 'trial'", max_results=1000):
+        history = {k: [(m.step, m.value) for m in client.get_metric_history(r.info.run_id, k)]
+                   for k in r.data.metrics}
+        tags = {k: v for k, v in r.data.tags.items() if k != "mlflow.parentRunId"}
+        out[r.data.tags["trial_id"]] = (r.info.run_name, r.info.status, r.info.end_time - r.info.start_time,
+                                        r.data.params, r.data.metrics, history, tags,
+                                        r.data.tags["mlflow.parentRunId"] == client.search_runs(
+                                            [exp_id], "tags.`bdsweep.role` = 'sweep'")[0].info.run_id)
+    return out
+
+
+def test_bulk_sql_runs_read_back_the_same_as_the_clients_calls(tmp_path):
+    """The one-transaction SQL writer and MLflow's own client calls leave runs that MLflow's public
+    client cannot tell apart: name, status, duration, params, final metrics, curves as steps, tags,
+    parent; searchable by metric; and a failed trial's error."""
+    from sweep.tracking import Tracker
+
+    rows = [trivial_body(tr, None).row for tr in expand(spec(3))]
+    rows[1].update(status="failed", error="RuntimeError: boom", clean_acc=None, asr=None, robust_acc=None)
+    rows[2].update(attack_seconds=12.5, defense_seconds=3.0, asr=0.25)
+    curves = {"train": [{"epoch": e, "loss": 2.0 - e, "lr": 0.1} for e in range(3)]}
+    seen = {}
+    for how in ("client", "sql"):
+        t = Tracker(default_uri(tmp_path / how), "bulk", tmp_path / how)
+        assert t._sql is not None  # this MLflow's schema is known: the bulk path is used
+        if how == "client":
+            t._sql = None
+        t.log_many([(r, curves, {}) for r in rows])
+        t.log_many([(rows[0], curves, {})])  # already logged: skipped, not duplicated
+        t.close()
+        c = MlflowClient(default_uri(tmp_path / how))
+        exp_id = c.get_experiment_by_name("bulk").experiment_id
+        seen[how] = _read_back(c, exp_id)
+        assert len(c.search_runs([exp_id], "metrics.asr < 0.3")) == 1
+    assert seen["sql"] == seen["client"]
+    run = seen["sql"][rows[2]["trial_id"]]
+    assert run[1] == "FINISHED" and run[2] == 15500 and run[4]["asr"] == 0.25 and run[7]
+    assert run[5]["train/loss"] == [(0, 2.0), (1, 1.0), (2, 0.0)]
+    assert seen["sql"][rows[1]["trial_id"]][1] == "FAILED"
+    assert seen["sql"][rows[1]["trial_id"]][6]["error"] == "RuntimeError: boom"
+    want = {k: str(v) for k, v in rows[2].items() if k.startswith(("attack.", "defense.")) and v is not None}
+    assert run[3] == {**want, "dataset": "synthetic", "model": "small_cnn", "seed": str(rows[2]["seed"])}
+
+
+def test_bulk_sql_writer_is_used_only_for_a_schema_it_knows(monkeypatch, tmp_path):
+    """An MLflow whose tables lack a column the writer fills falls back to the client's calls."""
+    from mlflow.store.tracking.dbmodels import models
+
+    from sweep.tracking import Tracker, _SqlRuns
+
+    t = Tracker(default_uri(tmp_path), "schema", tmp_path)
+    assert isinstance(t._sql, _SqlRuns)
+    monkeypatch.setattr(models.SqlLatestMetric, "__table__", models.SqlParam.__table__)  # no is_nan column
+    assert _SqlRuns.for_client(t.client, t.exp_id) is None
