@@ -2,7 +2,7 @@
 multi-target setting of I-BAU (Zeng et al., ICLR 2022), where one model carries several backdoors, each
 trigger leading to its own target class.
 
-Each pair is a ``patch_size``×``patch_size`` patch (content ``pattern``: white, black, checkerboard or a
+Each pair is a ``patch_size``×``patch_size`` patch (content ``pattern``: ABL's grid, white, black, checkerboard or a
 fixed random binary pattern from ``pattern_seed``) at a corner or an explicit [row, col], and a target
 class. The total ``poison_rate`` is split across the pairs as evenly as integers allow (the first pairs
 take the remainder); each pair poisons its own, disjoint, seeded choice of training samples whose label is

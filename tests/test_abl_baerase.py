@@ -115,6 +115,67 @@ def test_patch_stamp_pastes_each_patch_whole_somewhere():
     assert torch.allclose(M.apply(xs, t, g), (1 - m) * xs + m * pat)  # x' = (1 - m) x + m p
 
 
+def test_abl_trusts_neither_the_isolated_nor_the_suspect_samples(monkeypatch):
+    """Fine-tuning sees only the trusted data (not the lowest-loss suspect_rate); the joint unlearning sees
+    the isolated samples (unlearnt) and the trusted ones (learnt), never the suspects in between."""
+    import defenses.abl as abl_mod
+    from kernel.data import Split
+
+    n = 50
+    x = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 4, 4).contiguous()
+    data = Split(x, torch.zeros(n, dtype=torch.long))
+    seen = []
+
+    def fake_fit(model, xx, yy, cfg, *, loss_fn=None, **kw):
+        ids = xx[:, 0, 0, 0].long()
+        kinds = None
+        if loss_fn is not None:  # which samples the joint loss unlearns: the margin is negated there
+            z = torch.zeros(len(ids), 2)
+            z[:, 0] = 1.0  # margin of label 0 = 1 - 0 > 0: descending it pushes the label away
+            per = [float(loss_fn(z[i:i + 1], yy[i:i + 1], torch.tensor([i]))) for i in range(len(ids))]
+            kinds = {int(i): v for i, v in zip(ids, per)}
+        seen.append((set(ids.tolist()), kinds))
+        return []
+
+    monkeypatch.setattr(abl_mod, "fit", fake_fit)
+    isolated, suspects = torch.tensor([0, 1]), torch.arange(10)  # the 2 lowest losses, the 10 lowest
+    p = abl_mod.ABLParams(finetune_epochs=1, unlearning="joint", unlearning_epochs=1, ascent_weight=2.0)
+    abl_mod.purify(torch.nn.Linear(1, 1), data, isolated, suspects, p, TrainConfig(epochs=2), 0, CPU)
+    (ft, _), (unl, loss) = seen
+    assert ft == set(range(10, n))
+    assert unl == {0, 1} | set(range(10, n))
+    assert all(loss[i] == 2.0 for i in (0, 1))  # ascent_weight x the margin z_0 - logsumexp(z_1) = 1, descended
+    assert all(abs(loss[i] - 0.3133) < 1e-3 for i in range(10, n))  # CE of the true label
+
+
+def test_baerase_given_target_trains_on_the_smallest_successful_restart(monkeypatch):
+    """Restarts screened like classes: the smallest mask among triggers reaching >= half the images wins,
+    and only that generator is trained on (from its own state) to gen_steps."""
+    import defenses.baerase as B
+
+    calls, made = [], {}
+    tries = {0: (0.9, 0.30), 10_000: (0.95, 0.01), 20_000: (0.2, 0.001)}  # seed offset -> (success, mask)
+
+    def fake_recover(model, x, y, target, p, shape, steps, seed, device, gen_state=None):
+        calls.append((steps, seed, gen_state))
+        G, T = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+        succ, size = tries.get(seed - 5, (1.0, 0.0))
+        made[seed] = G
+        return G, T, succ, size
+
+    monkeypatch.setattr(B, "recover", fake_recover)
+    p = B.BAEraseParams(target=0, restarts=3, search_steps=60, gen_steps=300)
+    logged = []
+    G, _ = B.recover_given(None, None, None, 0, p, (3, 32, 32), 5, CPU, lambda step, **kw: logged.append(kw))
+    assert [c[:2] for c in calls] == [(60, 5), (60, 10_005), (60, 20_005), (240, 6)]
+    chosen = calls[-1][2][0]
+    assert all(torch.equal(chosen[k], v) for k, v in made[10_005].state_dict().items())  # the 0.01 mask
+    assert G is made[6] and [r["search_mask"] for r in logged] == [0.30, 0.01, 0.001]
+    calls.clear()
+    B.recover_given(None, None, None, 0, B.BAEraseParams(target=0, restarts=1), (3, 32, 32), 5, CPU)
+    assert [c[:2] for c in calls] == [(300, 5)]  # one recovery, all steps: no screening
+
+
 # -- both defenses on a small backdoored model of the synthetic data (slow: ~2-5 min in all on 2 cores) ---
 
 N_TRAIN, EPOCHS = 2000, 8
