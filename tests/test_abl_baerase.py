@@ -148,17 +148,17 @@ def test_abl_trusts_neither_the_isolated_nor_the_suspect_samples(monkeypatch):
     assert all(abs(loss[i] - 0.3133) < 1e-3 for i in range(10, n))  # CE of the true label
 
 
-def test_baerase_given_target_trains_on_the_smallest_successful_restart(monkeypatch):
-    """Restarts screened like classes: the smallest mask among triggers reaching >= half the images wins,
-    and only that generator is trained on (from its own state) to gen_steps."""
+def test_baerase_keeps_every_successful_restart_smallest_first(monkeypatch):
+    """Restarts screened like classes: the triggers reaching >= half the images are each trained on (from
+    their own state) to gen_steps and kept, smallest mask first; the others are dropped."""
     import defenses.baerase as B
 
     calls, made = [], {}
     tries = {0: (0.9, 0.30), 10_000: (0.95, 0.01), 20_000: (0.2, 0.001)}  # seed offset -> (success, mask)
 
     def fake_recover(model, x, y, target, p, shape, steps, seed, device, gen_state=None):
-        calls.append((steps, seed, gen_state))
         G, T = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+        calls.append((steps, seed, gen_state))
         succ, size = tries.get(seed - 5, (1.0, 0.0))
         made[seed] = G
         return G, T, succ, size
@@ -166,14 +166,28 @@ def test_baerase_given_target_trains_on_the_smallest_successful_restart(monkeypa
     monkeypatch.setattr(B, "recover", fake_recover)
     p = B.BAEraseParams(target=0, restarts=3, search_steps=60, gen_steps=300)
     logged = []
-    G, _ = B.recover_given(None, None, None, 0, p, (3, 32, 32), 5, CPU, lambda step, **kw: logged.append(kw))
-    assert [c[:2] for c in calls] == [(60, 5), (60, 10_005), (60, 20_005), (240, 6)]
-    chosen = calls[-1][2][0]
-    assert all(torch.equal(chosen[k], v) for k, v in made[10_005].state_dict().items())  # the 0.01 mask
-    assert G is made[6] and [r["search_mask"] for r in logged] == [0.30, 0.01, 0.001]
+    ts = B.recover_target(None, None, None, 0, p, (3, 32, 32), 5, CPU, lambda step, **kw: logged.append(kw))
+    assert [c[:2] for c in calls] == [(60, 5), (60, 10_005), (60, 20_005), (240, 7), (240, 6)]
+    for (_, _, state), origin in zip(calls[3:], (10_005, 5)):  # each continues its own restart
+        assert all(torch.equal(state[0][k], v) for k, v in made[origin].state_dict().items())
+    assert ts.generators == [made[7], made[6]] and [r["search_mask"] for r in logged] == [0.30, 0.01, 0.001]
     calls.clear()
-    B.recover_given(None, None, None, 0, B.BAEraseParams(target=0, restarts=1), (3, 32, 32), 5, CPU)
-    assert [c[:2] for c in calls] == [(300, 5)]  # one recovery, all steps: no screening
+    one = B.recover_target(None, None, None, 0, B.BAEraseParams(target=0, restarts=1), (3, 32, 32), 5, CPU)
+    assert [c[:2] for c in calls] == [(300, 5)] and len(one.generators) == 1  # no screening
+
+
+def test_trigger_set_stamps_batch_images_in_turn_from_each_generator():
+    class Const:  # a "generator" that paints the whole image with one value
+        def __init__(self, v):
+            self.v = v
+
+        def stamp(self, x, gen):
+            return torch.full_like(x, self.v)
+
+    from defenses.baerase import TriggerSet
+
+    out = TriggerSet([Const(0.25), Const(0.75)]).stamp(torch.zeros(5, 3, 4, 4), torch.Generator())
+    assert [float(o.mean()) for o in out] == [0.25, 0.75, 0.25, 0.75, 0.25]
 
 
 # -- both defenses on a small backdoored model of the synthetic data (slow: ~2-5 min in all on 2 cores) ---
@@ -241,7 +255,8 @@ def test_baerase_with_the_given_target_removes_the_backdoor(backdoored):
     # its ASR stays above 50%; with them and lr 3e-3 its CA collapses to 9%)
     after, ctx = run("baerase", clean_size=200, target=0, gen_steps=150, unlearn_lr=3e-3, unlearn_epochs=10, stop_asr=0,
                      alpha_u=1, unlearn_bn="train")
-    assert ctx.outputs == {"baerase_target": 0, "target_source": "given"}
+    assert ctx.outputs["baerase_target"] == 0 and ctx.outputs["target_source"] == "given"
+    assert 1 <= ctx.outputs["baerase_triggers"] <= 3
     assert after["asr"] < 0.5 * before["asr"], (before, after)
     trig = ctx.artifacts["triggers"]
     assert trig.dim() == 4 and trig.shape[1:] == (3, 32, 32) and 0 <= float(trig.min()) <= float(trig.max()) <= 1
@@ -251,7 +266,7 @@ def test_baerase_with_the_given_target_removes_the_backdoor(backdoored):
 def test_baerase_auto_finds_the_true_target(backdoored):
     _, run = backdoored
     after, ctx = run("baerase", clean_size=200, target="auto", search_steps=40, gen_steps=40, unlearn_epochs=1)
-    assert ctx.outputs == {"baerase_target": 0, "target_source": "found"}
+    assert ctx.outputs["baerase_target"] == 0 and ctx.outputs["target_source"] == "found"
 
 
 # -- through the engine -----------------------------------------------------------------------------
