@@ -19,13 +19,13 @@ description and the code's settings).
    Measured on CIFAR-10/small_cnn (docs/abl_baerase.md): the random-position 3x3 patch and patch +
    pattern recovered triggers that reached the target but unlearning them left BadNets' ASR at 40-50%
    (small_cnn's corner trigger is not position-invariant); the mask form removed both attacks.
-2. Target. ``target`` is the class (given; the code assumes it known: ``restarts`` recoveries of
-   ``search_steps`` each from fresh generators, the smallest successful one trained on to ``gen_steps``,
-   as for a found target) or ``auto``: a trigger is
+2. Target. ``target`` is the class (given; the code assumes it known) or ``auto``: a trigger is
    recovered for every class with ``search_steps`` steps and the class whose recovered trigger is the
    smallest (mean mask) among those reaching at least half the held-out clean images is taken (the
-   outlier a backdoor's shortcut makes, as in Neural Cleanse); its generator then trains on to
-   ``gen_steps``. ``baerase_target`` / ``target_source`` ('given' / 'found') go to the result row.
+   outlier a backdoor's shortcut makes, as in Neural Cleanse). For the target, ``restarts`` generators
+   are recovered afresh; every one that reaches half the clean images trains on to ``gen_steps``, and
+   all are unlearnt together (:class:`TriggerSet`). ``baerase_target`` / ``target_source`` ('given' /
+   'found') / ``baerase_triggers`` (generators kept) go to the result row.
 3. Unlearning, through ``kernel.train.fit`` on the clean set (SGD, momentum 0.9, constant lr):
        alpha_u * CE(f(x), y) + push(f(x ⊕ G(z))) + l1 * ||theta - theta_0||_1
    ``push``: ``true_label`` (default) = CE(., y), stamped inputs keep their true label (bounded), or
