@@ -206,7 +206,9 @@ def unlearning_loss(kind: str):
 def _unlearn(model, data, isolated, trusted, p, ucfg, train_cfg, seed, device, logger):
     log = logger("unlearning")
     xi, yi = data.x[isolated], data.y[isolated]
-    stop_acc = p.unlearning_stop_acc if p.unlearning_stop_acc is not None else (0.2 if p.unlearning == "ascent" else 0.0)
+    stop_acc = p.unlearning_stop_acc
+    if stop_acc is None:  # the ascent alone runs away once it works; the joint loss is held by the CE
+        stop_acc = 0.2 if p.unlearning == "ascent" else 0.0
 
     def on_epoch(epoch, record):
         # the gradient ascent runs away once it starts to work: stop when D_b is unlearnt
