@@ -156,9 +156,7 @@ def purify(model, data, isolated: torch.Tensor, suspects: torch.Tensor, p: ABLPa
         rest = trusted.nonzero().flatten()
         fit(model, data.x[rest], data.y[rest], replace(train_cfg, epochs=finetune_epochs),
             seed=seed + 1, device=device, on_epoch=logger("finetune"))
-    joint = p.unlearning == "joint"
-    lr = p.unlearning_lr or (1e-3 if joint else 1e-4)
-    epochs = p.unlearning_epochs or (5 if joint else 20)
+    epochs, lr, stop_acc = unlearning_settings(p)
     ucfg = TrainConfig(epochs=epochs, batch_size=p.unlearning_batch_size, lr=lr,
                        momentum=0.9, weight_decay=1e-4, schedule="constant", augment=False,
                        precision=train_cfg.precision)
@@ -169,7 +167,7 @@ def purify(model, data, isolated: torch.Tensor, suspects: torch.Tensor, p: ABLPa
         for m in bns:
             m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
     try:
-        _unlearn(model, data, isolated, trusted, p, ucfg, train_cfg, seed, device, logger)
+        _unlearn(model, data, isolated, trusted, p, ucfg, stop_acc, train_cfg, seed, device, logger)
     finally:
         for h in hooks:
             h.remove()
@@ -203,12 +201,17 @@ def unlearning_loss(kind: str):
     return margin
 
 
-def _unlearn(model, data, isolated, trusted, p, ucfg, train_cfg, seed, device, logger):
+def unlearning_settings(p: ABLParams) -> tuple[int, float, float]:
+    """(epochs, lr, stop_acc) of the unlearning: the ones set, else the mode's defaults. The ascent alone
+    runs away once it works, so it stops when D_b is unlearnt; the joint loss is held by the CE."""
+    joint = p.unlearning == "joint"
+    return (p.unlearning_epochs or (5 if joint else 20), p.unlearning_lr or (1e-3 if joint else 1e-4),
+            p.unlearning_stop_acc if p.unlearning_stop_acc is not None else (0.0 if joint else 0.2))
+
+
+def _unlearn(model, data, isolated, trusted, p, ucfg, stop_acc, train_cfg, seed, device, logger):
     log = logger("unlearning")
     xi, yi = data.x[isolated], data.y[isolated]
-    stop_acc = p.unlearning_stop_acc
-    if stop_acc is None:  # the ascent alone runs away once it works; the joint loss is held by the CE
-        stop_acc = 0.2 if p.unlearning == "ascent" else 0.0
 
     def on_epoch(epoch, record):
         # the gradient ascent runs away once it starts to work: stop when D_b is unlearnt

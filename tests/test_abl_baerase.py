@@ -306,3 +306,12 @@ def test_abl_row_takes_the_attack_figures_of_the_sweeps_backdoored_model(tmp_pat
     for k in ("attack_clean_acc", "attack_asr", "attack_robust_acc"):
         assert again[k] == ref[k]
     assert again["attack_cached"] is True and again["isolation_precision"] == first["isolation_precision"]
+
+
+def test_abl_unlearning_defaults_depend_on_the_mode_and_yield_to_set_values():
+    from defenses.abl import ABLParams, unlearning_settings
+
+    assert unlearning_settings(ABLParams()) == (5, 1e-3, 0.0)  # joint
+    assert unlearning_settings(ABLParams(unlearning="ascent")) == (20, 1e-4, 0.2)
+    assert unlearning_settings(ABLParams(unlearning="ascent", unlearning_epochs=3, unlearning_lr=5e-4,
+                                         unlearning_stop_acc=0.0)) == (3, 5e-4, 0.0)
