@@ -31,6 +31,11 @@ Defaults and where they come from (methods.md, "I-BAU"):
   (BackdoorBench; the code takes 5,000 CIFAR-10 test images).
 - ``augment``: random crop + flip of the outer batches (kernel.train.augment). Not in the code; on the
   CIFAR-10 BadNets model it took ASR to 37.3% where the same run without it left 60.1%.
+- ``min_samples`` 0 (one pass over the clean set a round, the code). The code's 5,000 images make 50
+  inner and 50 outer steps a round; 500 images make 4. n > 0 cycles the set (fresh shuffles and
+  augmentations) until each pass has seen n images. Measured on CIFAR-10 BadNets with 500 images
+  (docs/ibau_awm.md): 2,500 a round takes ASR from 95% to 2.3% but CA from -5.6 to -7.6 points (the
+  steps overfit the small set), so it stays off by default: a knob to sweep, not a fix.
 - The model stays in eval mode (BatchNorm statistics frozen), as in the code; x + δ is clamped to
   [0, 1] (valid images; the code clamps for GTSRB).
 
@@ -62,6 +67,8 @@ class IBAUParams(CleanSetParams):
     portion: float = Field(0.1, gt=0, le=1, description="fraction of each outer batch that gets delta (code: 0.01)")
     batch_size: int = Field(128, ge=1)
     augment: bool = Field(True, description="random crop + flip of outer batches (not in the code)")
+    min_samples: int = Field(0, ge=0, description="each round's inner and outer passes cycle the clean set "
+                             "until they have seen this many images (0: one pass, the code)")
 
 
 def implicit_hypergradient(
@@ -127,7 +134,7 @@ class IBAU(Defense):
         for rnd in range(p.rounds):
             delta = self._inner_max(model, x, gen, dev)  # 1. inner maximisation
             outer_losses = []  # 2. outer minimisation along the implicit hypergradient
-            for idx in batches(n, p.batch_size, gen, dev):
+            for idx in self._passes(n, gen, dev):
                 xb = x[idx]
                 xb = to_float(augment(xb, gen) if p.augment else xb)
                 yb = y[idx]
@@ -149,7 +156,8 @@ class IBAU(Defense):
                 opt.step()
                 with torch.no_grad():  # the outer loss after the step
                     outer_losses.append(float(F.cross_entropy(model((xb + hit * delta).clamp(0, 1)), yb)))
-            record = {"outer_loss": sum(outer_losses) / len(outer_losses), "delta_l2": float(delta.norm())}
+            record = {"outer_loss": sum(outer_losses) / len(outer_losses), "delta_l2": float(delta.norm()),
+                      "outer_steps": len(outer_losses)}
             if not all(math.isfinite(v) for v in record.values()):
                 raise FloatingPointError(f"I-BAU diverged in round {rnd}: {record}")
             ctx.log(rnd, **record, **(ctx.evaluate(model) if ctx.evaluate else {}))
@@ -157,6 +165,11 @@ class IBAU(Defense):
         scale = float(delta.abs().max()) or 1.0
         ctx.artifacts["perturbation"] = (0.5 + delta[0].detach().cpu() / (2 * scale)).clamp(0, 1)
         return model
+
+    def _passes(self, n, gen, dev):
+        """Index batches of one round's pass: the clean set once, or as many times as ``min_samples`` needs."""
+        for _ in range(max(1, math.ceil(self.params.min_samples / n))):
+            yield from batches(n, self.params.batch_size, gen, dev)
 
     def _inner_max(self, model, x, gen, dev) -> torch.Tensor:
         """One pass of SGD on δ maximising CE(f(x + δ), f(x)) − λ‖δ‖², kept in the L2 ball."""
@@ -167,7 +180,7 @@ class IBAU(Defense):
         for q in model.parameters():
             q.requires_grad_(False)
         try:
-            for idx in batches(len(x), p.batch_size, gen, dev):
+            for idx in self._passes(len(x), gen, dev):
                 xb = to_float(x[idx])
                 pseudo = predict(model, xb, device=dev)
                 with _autocast(dev):

@@ -153,6 +153,29 @@ def test_one_shot_clean_set_works(name, params):
     assert art.shape == (3, 32, 32) and float(art.min()) >= 0 and float(art.max()) <= 1
 
 
+def test_awm_mask_lr_decays_each_round_as_in_the_code():
+    info, train, model, ctx = _tiny_setup(n=32)
+    ctx.clean = train
+    AWM(AWMParams(clean_size=32, rounds=3, inner=1, batch_size=16, min_samples=16, lr=0.1, lr_decay=0.5)).apply(model, ctx)
+    assert [h["mask_lr"] for h in ctx.history] == pytest.approx([0.1, 0.05, 0.025])
+    assert AWMParams().lr_decay == 0.9  # the code's ExponentialLR(gamma=0.9), stepped once a round
+
+
+@pytest.mark.parametrize("min_samples,steps", [(0, 2), (32, 2), (100, 8)])
+def test_ibau_min_samples_cycles_the_clean_set(min_samples, steps):
+    """32 clean images in batches of 16: one pass is 2 outer steps; min_samples 100 needs 4 passes."""
+    info, train, model, ctx = _tiny_setup(n=32)
+    ctx.clean = train
+    calls = []
+    orig = IBAU._inner_max
+    IBAU._inner_max = lambda self, *a: (calls.append(1), orig(self, *a))[1]
+    try:
+        IBAU(IBAUParams(clean_size=32, rounds=2, K=1, batch_size=16, min_samples=min_samples)).apply(model, ctx)
+    finally:
+        IBAU._inner_max = orig
+    assert [h["outer_steps"] for h in ctx.history] == [steps, steps] and len(calls) == 2
+
+
 def test_awm_returns_masked_weights_and_keeps_everything_else():
     info, train, model, ctx = _tiny_setup(n=64)
     ctx.clean = train
