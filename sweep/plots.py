@@ -24,9 +24,17 @@ from sweep.report import METRIC_NAMES, ordered, variant_labels  # noqa: E402
 
 
 def swept_params(df: pd.DataFrame) -> list[str]:
-    """Hyperparameter columns (attack.* / defense.*) that take more than one value among successful rows."""
+    """Hyperparameter columns (attack.* / defense.*) that take more than one value within one attack or
+    defense among successful rows. A parameter two defenses share at different defaults (I-BAU's lr 1e-3,
+    AWM's 1e-2) is not swept, and gets no plot."""
     ok = df[df.status == "ok"]
-    return [c for c in df.columns if c.startswith(("attack.", "defense.")) and ok[c].nunique(dropna=True) > 1]
+    out = []
+    for c in df.columns:
+        if c.startswith(("attack.", "defense.")):
+            by = ok.groupby(c.split(".", 1)[0])[c].nunique(dropna=True)
+            if (by > 1).any():
+                out.append(c)
+    return out
 
 
 def _sort_key(v):

@@ -192,3 +192,16 @@ def test_a_parameter_left_at_its_default_still_tells_variants_apart():
     assert list(variant_labels(df, "defense")) == ["abl(gamma=0.5, turning_epoch=default)",
                                                    "abl(gamma=0.5, turning_epoch=10)",
                                                    "abl(gamma=1, turning_epoch=default)"]
+
+
+def test_only_parameters_swept_within_one_method_get_a_plot():
+    """Two defenses at different default lrs do not make lr a swept parameter; clean_size varied within
+    each defense does."""
+    from sweep.plots import swept_params
+    df = pd.DataFrame({
+        "status": ["ok"] * 4, "attack": ["badnets"] * 4, "defense": ["ibau", "ibau", "awm", "awm"],
+        "attack.poison_rate": [0.1] * 4, "defense.lr": [1e-3, 1e-3, 1e-2, 1e-2],
+        "defense.clean_size": ["100", "500", "100", "500"], "defense.rounds": [5, 5, None, None]})
+    assert swept_params(df) == ["defense.clean_size"]
+    df.loc[1, "defense.lr"] = 1e-4
+    assert swept_params(df) == ["defense.lr", "defense.clean_size"]
