@@ -11,12 +11,17 @@ the triggered test set is, for each pair, the test inputs whose label is not tha
 pair's patch, concatenated.
 
 Defaults (this project's choice; I-BAU gives no canonical pair list): four 3×3 patches (BackdoorBench's
-BadNets size), one at each corner, 1 px from the borders: top-left white → 0, top-right checkerboard → 1,
-bottom-left black → 2, bottom-right random (binary, from ``pattern_seed`` + pair index) → 3; poison_rate
-0.1 in all (2.5% per pair). The contents differ because training's random horizontal flip moves a left
-patch to the right: with four white patches the model cannot tell top-left from top-right (measured on the
-synthetic set: each pair's inputs split between the two same-row targets). Patches may not overlap.
-Targets are classes; all-to-all has no meaning here.
+BadNets size), one at each corner, 1 px from the borders: top-left random (binary, from ``pattern_seed``
++ pair index) → 0, top-right checkerboard → 1, bottom-left ABL's grid → 2, bottom-right random → 3;
+poison_rate 0.1 in all (2.5% per pair). The contents differ, and differ from the horizontal mirror of the
+patch on the opposite side, because training's random flip moves a left patch to the right: with four
+white patches the model cannot tell top-left from top-right (measured on the synthetic set: each pair's
+inputs split between the two same-row targets). Why no plain white or black patch: on CIFAR-10 (small_cnn,
+10k images, seed 0) the first layout, white/checkerboard/black/random, reached 85.6% ASR, and white
+patches were the weak pairs in every layout tried (72.7% and 79.8% while the others were at 85–100%;
+CIFAR's corners are often near-white or near-black); the current layout reaches 98.8% (every pair ≥
+96.8%), CA −2.2 (docs/attacks.md). Patches may not overlap. Targets are classes; all-to-all has no
+meaning here.
 """
 from __future__ import annotations
 
@@ -47,7 +52,8 @@ class TriggerPair(BaseModel):
 def _default_pairs() -> tuple[TriggerPair, ...]:
     # Distinct contents, not only distinct corners: the standard horizontal-flip augmentation moves a
     # left patch to the right, so two pairs told apart by their side alone become one trigger.
-    layout = [("top_left", "white"), ("top_right", "checkerboard"), ("bottom_left", "black"), ("bottom_right", "random")]
+    # Plain white/black patches are weak on CIFAR's bright and dark corners (module docstring).
+    layout = [("top_left", "random"), ("top_right", "checkerboard"), ("bottom_left", "grid"), ("bottom_right", "random")]
     return tuple(TriggerPair(position=p, target=t, pattern=c) for t, (p, c) in enumerate(layout))
 
 

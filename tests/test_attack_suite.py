@@ -198,7 +198,12 @@ def test_multi_target_default_pairs():
     assert a.targets == [0, 1, 2, 3]
     assert a.corners == [(1, 1), (1, 28), (28, 1), (28, 28)]
     flat = [q.flatten() for q in a.patches]
-    assert all(not torch.equal(flat[i], flat[j]) for i in range(4) for j in range(i)), "contents differ (flip)"
+    assert all(not torch.equal(flat[i], flat[j]) for i in range(4) for j in range(i)), "contents differ"
+    # training's horizontal flip carries each patch, mirrored, onto the opposite corner of its row:
+    # it must not become the patch that lives there
+    for i, j in [(0, 1), (2, 3)]:
+        assert not torch.equal(a.patches[i].flip(-1), a.patches[j]) and not torch.equal(a.patches[j].flip(-1), a.patches[i])
+    assert [p.pattern for p in a.params.pairs] == ["random", "checkerboard", "grid", "random"]
     t = a.triggered_test(toy_split(200))
     assert len(t.y_true) == 4 * 180
 
