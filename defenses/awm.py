@@ -160,7 +160,8 @@ class AWM(Defense):
                 with torch.no_grad():
                     for m in masks.values():
                         m.clamp_(0, 1)
-            record = {"mask_lr": opt.param_groups[0]["lr"], "trigger_ce": trig_loss, "clean_ce": float(nat.detach()), "trigger_ce_after": float(rob.detach()),
+            record = {"mask_lr": opt.param_groups[0]["lr"], "trigger_ce": trig_loss, "clean_ce": float(nat.detach()),
+                      "trigger_ce_after": float(rob.detach()),
                       "mask_mean": float(sum(float(m.detach().sum()) for m in masks.values()) / sum(m.numel() for m in masks.values()))}
             if not all(math.isfinite(v) for v in record.values()):
                 raise FloatingPointError(f"AWM diverged in round {rnd}: {record}")

@@ -162,17 +162,14 @@ def test_awm_mask_lr_decays_each_round_as_in_the_code():
 
 
 @pytest.mark.parametrize("min_samples,steps", [(0, 2), (32, 2), (100, 8)])
-def test_ibau_min_samples_cycles_the_clean_set(min_samples, steps):
-    """32 clean images in batches of 16: one pass is 2 outer steps; min_samples 100 needs 4 passes."""
+def test_ibau_min_samples_cycles_the_clean_set(min_samples, steps, monkeypatch):
+    """32 clean images in batches of 16: one pass is 2 outer steps; min_samples 100 needs 4 passes.
+    The inner maximisation still runs once a round."""
     info, train, model, ctx = _tiny_setup(n=32)
     ctx.clean = train
-    calls = []
-    orig = IBAU._inner_max
-    IBAU._inner_max = lambda self, *a: (calls.append(1), orig(self, *a))[1]
-    try:
-        IBAU(IBAUParams(clean_size=32, rounds=2, K=1, batch_size=16, min_samples=min_samples)).apply(model, ctx)
-    finally:
-        IBAU._inner_max = orig
+    calls, orig = [], IBAU._inner_max
+    monkeypatch.setattr(IBAU, "_inner_max", lambda self, *a: (calls.append(1), orig(self, *a))[1])
+    IBAU(IBAUParams(clean_size=32, rounds=2, K=1, batch_size=16, min_samples=min_samples)).apply(model, ctx)
     assert [h["outer_steps"] for h in ctx.history] == [steps, steps] and len(calls) == 2
 
 
