@@ -38,6 +38,11 @@ Defaults and where they come from (methods.md, "I-BAU"):
   steps overfit the small set), so it stays off by default: a knob to sweep, not a fix.
 - The model stays in eval mode (BatchNorm statistics frozen), as in the code; x + δ is clamped to
   [0, 1] (valid images; the code clamps for GTSRB).
+- ``clean_target`` 'label' (the paper). 'teacher' (not in the paper): the outer loss's targets are the
+  backdoored model's own softmax on each clean image (for the images with δ as well), so the outer steps
+  hold the model's clean behaviour rather than refit the small set's labels. With ``min_samples`` 2500 on
+  500 CIFAR-10 images it cuts the CA cost from -7.6 to -2.5 points; Blended is still removed (ASR 5%), the
+  grid BadNets no longer (34%; docs/ibau_awm.md).
 
 Why not ``kernel.train.fit``: the outer step needs a custom gradient (the hypergradient, not
 ``loss.backward()``), Adam, and eval-mode BatchNorm; fit runs SGD on ``loss.backward()`` in train mode.
@@ -45,7 +50,7 @@ Why not ``kernel.train.fit``: the outer step needs a custom gradient (the hyperg
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +74,9 @@ class IBAUParams(CleanSetParams):
     augment: bool = Field(True, description="random crop + flip of outer batches (not in the code)")
     min_samples: int = Field(0, ge=0, description="each round's inner and outer passes cycle the clean set "
                              "until they have seen this many images (0: one pass, the code)")
+    clean_target: Literal["label", "teacher"] = Field(
+        "label", description="'label': outer CE against the clean labels (the paper); 'teacher': against the "
+        "backdoored model's own softmax on the clean image (distillation)")
 
 
 def implicit_hypergradient(
@@ -127,6 +135,7 @@ class IBAU(Defense):
         params = [q for q in model.parameters() if q.requires_grad]
         opt = torch.optim.Adam(params, lr=p.lr)
         names = [k for k, q in model.named_parameters() if q.requires_grad]
+        theta0 = [q.detach().clone() for q in params]  # the backdoored model, the teacher of clean_target
 
         def call(theta, inputs):
             return torch.func.functional_call(model, dict(zip(names, theta)), (inputs,))
@@ -138,6 +147,9 @@ class IBAU(Defense):
                 xb = x[idx]
                 xb = to_float(augment(xb, gen) if p.augment else xb)
                 yb = y[idx]
+                if p.clean_target == "teacher":
+                    with torch.no_grad():
+                        yb = call(theta0, xb).float().softmax(1)
                 hit = torch.zeros(len(idx), 1, 1, 1, device=dev)
                 hit[torch.randperm(len(idx), device=dev, generator=gen)[:max(1, round(p.portion * len(idx)))]] = 1
 

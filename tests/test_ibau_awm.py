@@ -173,6 +173,39 @@ def test_ibau_min_samples_cycles_the_clean_set(min_samples, steps, monkeypatch):
     assert [h["outer_steps"] for h in ctx.history] == [steps, steps] and len(calls) == 2
 
 
+@pytest.mark.parametrize("name,params", [
+    ("ibau", {"rounds": 1, "K": 1, "batch_size": 16}),
+    ("awm", {"rounds": 1, "inner": 1, "batch_size": 16, "min_samples": 16, "lr": 0.1}),
+])
+def test_teacher_clean_target_ignores_the_clean_labels(name, params):
+    """clean_target 'teacher' fits the backdoored model's own softmax, so relabelling the clean set
+    changes nothing; with 'label' (the papers) the same relabelling changes the result."""
+    cls = DEFENSES.get(name)
+
+    def run(target, shift):
+        info, train, model, ctx = _tiny_setup(n=32)
+        ctx.clean = Split(train.x, (train.y + shift) % 10)
+        out = cls(cls.Params(clean_size=32, clean_target=target, **params)).apply(model, ctx)
+        return torch.cat([q.detach().flatten() for q in out.parameters()])
+
+    assert torch.equal(run("teacher", 0), run("teacher", 3))
+    assert not torch.equal(run("label", 0), run("label", 3))
+
+
+@pytest.mark.parametrize("trigger_inner,calls", [(None, 4), (3, 12)])
+def test_awm_trigger_inner_sizes_the_trigger_phase(trigger_inner, calls, monkeypatch):
+    """32 images, batch 16: each phase has ceil(32/16) = 2 batches per inner iteration; the trigger phase
+    alone takes trigger_inner of them (one L1 projection per step), the mask phase keeps inner."""
+    import defenses.awm as awm_module
+    count, orig = [], awm_module.project_l1
+    monkeypatch.setattr(awm_module, "project_l1", lambda v, r: (count.append(1), orig(v, r))[1])
+    info, train, model, ctx = _tiny_setup(n=32)
+    ctx.clean = train
+    AWM(AWMParams(clean_size=32, rounds=2, inner=1, batch_size=16, min_samples=16,
+                  trigger_inner=trigger_inner)).apply(model, ctx)
+    assert len(count) == calls
+
+
 def test_awm_returns_masked_weights_and_keeps_everything_else():
     info, train, model, ctx = _tiny_setup(n=64)
     ctx.clean = train

@@ -1,5 +1,6 @@
 """Spec expansion and every refusal: a message naming the field, exit code 2, nothing written."""
 import copy
+from pathlib import Path
 
 import pytest
 import yaml
@@ -163,3 +164,12 @@ def test_the_clean_pool_excludes_an_attacks_noise_mix_and_cross_samples(attack, 
     expand(parse_spec({**base, "defenses": [{"name": "finetune", "clean_size": left}]}))  # fits exactly
     with pytest.raises(SpecError, match=rf"defenses\[0\].clean_size.*clean pool \({left} images\)"):
         expand(parse_spec({**base, "defenses": [{"name": "finetune", "clean_size": left + 1}]}))
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_example_spec_validates(path):
+    """A committed spec that no longer validates (a renamed or removed parameter) fails here, not on a
+    researcher's cluster. Expanding needs no data on disk."""
+    trials = expand(parse_spec(yaml.safe_load(path.read_text())))
+    assert trials and len({t.trial_id for t in trials}) == len(trials)
