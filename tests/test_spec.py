@@ -155,7 +155,7 @@ def test_cli_missing_data_root_is_one_clear_error(tmp_path):
 
 @pytest.mark.parametrize("attack,left", [({"name": "badnets"}, 900), ({"name": "wanet"}, 700),
                                          ({"name": "cba", "mix_ratio": 2}, 700),
-                                         ({"name": "input_aware"}, 700),
+                                         ({"name": "input_aware"}, 800),
                                          ({"name": "sig", "rate_of": "target_class", "poison_rate": 0.5}, 950)])
 def test_the_clean_pool_excludes_an_attacks_noise_mix_and_cross_samples(attack, left):
     """1,000 training images, 10% poisoned: the pool is what neither poisons nor noise samples touched."""
