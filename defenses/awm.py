@@ -132,8 +132,9 @@ class AWM(Defense):
         masks = {k: torch.ones_like(w, requires_grad=True) for k, w in orig.items()}
         opt = torch.optim.Adam(masks.values(), lr=p.lr)
         sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=p.lr_decay)
-        steps = math.ceil(max(n, p.min_samples) / p.batch_size) * p.inner
-        trigger_steps = math.ceil(max(n, p.min_samples) / p.batch_size) * (p.trigger_inner or p.inner)
+        batches_per_inner = math.ceil(max(n, p.min_samples) / p.batch_size)
+        steps = batches_per_inner * p.inner
+        trigger_steps = batches_per_inner * (p.trigger_inner or p.inner)
         project = project_l1 if p.projection == "euclidean" else scale_l1
 
         def masked(inputs):
@@ -164,7 +165,7 @@ class AWM(Defense):
             # 2. mask update against that trigger
             for _ in range(steps):
                 xb, yb = batch()
-                if p.clean_target != "label":
+                if p.clean_target == "teacher":
                     with torch.no_grad(), _autocast(dev):
                         yb = torch.func.functional_call(model, orig, (xb,)).float().softmax(1)
                 with _autocast(dev):

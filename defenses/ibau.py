@@ -135,7 +135,8 @@ class IBAU(Defense):
         params = [q for q in model.parameters() if q.requires_grad]
         opt = torch.optim.Adam(params, lr=p.lr)
         names = [k for k, q in model.named_parameters() if q.requires_grad]
-        theta0 = [q.detach().clone() for q in params]  # the backdoored model, the teacher of clean_target
+        # the backdoored model, the teacher of clean_target 'teacher' (no copy otherwise)
+        theta0 = [q.detach().clone() for q in params] if p.clean_target == "teacher" else None
 
         def call(theta, inputs):
             return torch.func.functional_call(model, dict(zip(names, theta)), (inputs,))
