@@ -26,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attacks import ATTACKS  # noqa: E402
 from kernel.data import load_dataset  # noqa: E402
+from kernel.metrics import evaluate  # noqa: E402
 from kernel.models import create_model, default_train  # noqa: E402
-from kernel.train import TrainConfig, fit, predict, to_float  # noqa: E402
+from kernel.train import TrainConfig, fit  # noqa: E402
 
 
 def main() -> None:
@@ -62,14 +63,13 @@ def main() -> None:
         y_new = torch.cat([atk.attack_label(yb[:nb]), yb[nb:]])
         return torch.cat([warped, noised, xb[nb + nc:]]), y_new, None
 
-    keep = ds.test.y != a.target
-    triggered = atk.apply_trigger(to_float(ds.test.x[keep]))
+    triggered = atk.triggered_test(ds.test)  # the engine's own ASR set: non-target test images, warped
 
     def on_epoch(epoch, rec):
         if (epoch + 1) % 5 == 0 or epoch + 1 == a.epochs:
-            ca = float((predict(model, ds.test.x) == ds.test.y).float().mean())
-            asr = float((predict(model, triggered) == a.target).float().mean())
-            print(f"epoch {epoch + 1:3d}  loss {rec['loss']:.3f}  CA {100 * ca:.2f}  ASR {100 * asr:.2f}", flush=True)
+            m = evaluate(model, ds.test.x, ds.test.y, triggered)
+            print(f"epoch {epoch + 1:3d}  loss {rec['loss']:.3f}  CA {100 * m['clean_acc']:.2f}  "
+                  f"ASR {100 * m['asr']:.2f}", flush=True)
             model.train()
 
     t0 = time.perf_counter()
