@@ -370,10 +370,14 @@ def _finite(v) -> bool:
 
 def _to_numpy_image(t):
     """(C, H, W) or (N, C, H, W) float in [0, 1] -> an HWC uint8 array (a grid for N images)."""
+    import numpy as np
     import torch
     from torchvision.utils import make_grid
 
-    t = torch.as_tensor(t).detach().float().cpu()
+    if not torch.is_tensor(t):
+        # Arrays from a Ray result are read-only views of its object store; copy so torch may own them.
+        t = torch.from_numpy(np.array(t, dtype=np.float32))
+    t = t.detach().float().cpu()
     if t.dim() == 4:
         t = make_grid(t, nrow=min(8, len(t)), padding=1)
     t = (t - t.min()) / (t.max() - t.min() + 1e-12) if (t.min() < 0 or t.max() > 1) else t

@@ -6,7 +6,7 @@ import torch
 from kernel.models import (MODELS, ImageClassifier, Normalize, create_model, default_train, model_names)
 from kernel.train import TrainConfig
 
-EXPECTED = {"preact_resnet18", "resnet18", "wrn16_1", "vgg_small", "small_cnn"}
+EXPECTED = {"preact_resnet18", "resnet18", "wrn16_1", "vgg_small", "small_cnn", "small_cnn_avg"}
 # (num_classes, in_channels, size): CIFAR-10, GTSRB, MNIST, Tiny-ImageNet.
 SHAPES = [(10, 3, 32), (43, 3, 32), (10, 1, 28), (200, 3, 64)]
 
@@ -98,6 +98,19 @@ def test_vgg_small_classifier_is_2048_at_32x32():
     assert (model.fc.in_features, model.fc.out_features) == (2048, 10)
     with torch.no_grad():
         assert model.forward_features(torch.rand(1, 3, 32, 32)).shape == (1, 128, 4, 4)
+
+
+def test_small_cnn_heads_differ_only_in_the_pooling():
+    # small_cnn_avg is the controlled comparison for small_cnn's max-pooled head: same layers, same weights
+    # layout, same recipe; only the global pooling differs.
+    mx, avg = create_model("small_cnn", 10).eval(), create_model("small_cnn_avg", 10).eval()
+    avg.load_state_dict(mx.state_dict())
+    assert default_train("small_cnn_avg") == default_train("small_cnn")
+    f = torch.zeros(2, 128, 4, 4)
+    f[:, :, 0, 0] = 8.0  # one hot spot per channel: the max sees 8, the mean 8 / 16
+    with torch.no_grad():
+        torch.testing.assert_close(mx.forward_head(f), mx.fc(torch.full((2, 128), 8.0)))
+        torch.testing.assert_close(avg.forward_head(f), avg.fc(torch.full((2, 128), 0.5)))
 
 
 def test_unknown_model_lists_known_names():

@@ -205,3 +205,23 @@ def test_only_parameters_swept_within_one_method_get_a_plot():
     assert swept_params(df) == ["defense.clean_size"]
     df.loc[1, "defense.lr"] = 1e-4
     assert swept_params(df) == ["defense.lr", "defense.clean_size"]
+
+
+def test_trigger_images_from_read_only_arrays_log_without_warnings():
+    # A Ray result hands a trial's recovered trigger back as a read-only numpy view of the object store;
+    # the MLflow artifact must be the same image as from the tensor, with no non-writable-array warning.
+    import warnings
+
+    import numpy as np
+    import torch
+
+    from sweep.tracking import _to_numpy_image
+
+    t = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    a = t.numpy().copy()
+    a.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        img = _to_numpy_image(a)
+    assert img.dtype == np.uint8 and img.shape == (8, 8, 3)
+    np.testing.assert_array_equal(img, _to_numpy_image(t))
