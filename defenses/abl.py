@@ -45,6 +45,7 @@ fine-tuning use the sweep's optimiser, batch size and schedule. See docs/abl_bae
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import replace
 from typing import Literal, Optional
 
@@ -55,7 +56,7 @@ from torch import nn
 
 from defenses import DEFENSES
 from defenses.base import Defense, DefenseParams
-from kernel.train import TrainConfig, fit, per_sample_loss, predict
+from kernel.train import TrainConfig, fit, frozen_batchnorm, per_sample_loss, predict
 
 
 class ABLParams(DefenseParams):
@@ -161,25 +162,17 @@ def purify(model, data, isolated: torch.Tensor, suspects: torch.Tensor, p: ABLPa
                        momentum=0.9, weight_decay=1e-4, schedule="constant", augment=False,
                        precision=train_cfg.precision)
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    hooks = [m.register_forward_pre_hook(_to_eval) for m in bns] if p.unlearning_bn == "frozen" else []
     momenta = [m.momentum for m in bns]
     if p.unlearning_bn == "batch":
         for m in bns:
             m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
     try:
-        _unlearn(model, data, isolated, trusted, p, ucfg, stop_acc, train_cfg, seed, device, logger)
+        with frozen_batchnorm(model) if p.unlearning_bn == "frozen" else nullcontext():
+            _unlearn(model, data, isolated, trusted, p, ucfg, stop_acc, train_cfg, seed, device, logger)
     finally:
-        for h in hooks:
-            h.remove()
         for m, mom in zip(bns, momenta):
             m.momentum = mom
-        model.train(model.training)  # BatchNorm layers back in step with the model
     return model
-
-
-def _to_eval(module, inputs):
-    """Forward pre-hook: the layer runs in eval mode even while ``fit`` has put the model in train mode."""
-    module.training = False
 
 
 def unlearning_loss(kind: str):

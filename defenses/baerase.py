@@ -43,6 +43,7 @@ The recovered triggers (8 draws of G for the target: m * p for masks, full image
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import Literal, Union
 
 import torch
@@ -51,9 +52,8 @@ from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
 from defenses import DEFENSES
-from defenses.abl import _to_eval
 from defenses.base import CleanSetParams, Defense
-from kernel.train import TrainConfig, fit, make_generator, predict, to_float
+from kernel.train import TrainConfig, fit, frozen_batchnorm, make_generator, predict, to_float
 
 
 class BAEraseParams(CleanSetParams):
@@ -370,12 +370,6 @@ class BAErase(Defense):
         ctx.log(ctx.info.num_classes + p.restarts, trigger_asr_before=before)
         cfg = TrainConfig(epochs=p.unlearn_epochs, batch_size=p.unlearn_batch_size, lr=p.unlearn_lr, momentum=0.9,
                           weight_decay=0.0, schedule="constant", augment=True, precision=ctx.train_cfg.precision)
-        bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        hooks = [m.register_forward_pre_hook(_to_eval) for m in bns] if p.unlearn_bn == "frozen" else []
-        try:
+        with frozen_batchnorm(model) if p.unlearn_bn == "frozen" else nullcontext():
             fit(model, clean.x, clean.y, cfg, seed=ctx.seed, device=dev, loss_fn=loss_fn, on_epoch=on_epoch)
-        finally:
-            for h in hooks:
-                h.remove()
-            model.train(model.training)
         return model

@@ -15,6 +15,7 @@ Design (after airbench94):
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
@@ -231,6 +232,25 @@ def fit(
         if stop:
             break
     return history
+
+
+@contextmanager
+def frozen_batchnorm(model: nn.Module):
+    """Inside the block every BatchNorm layer of ``model`` runs in eval mode (running statistics used, not
+    updated) even while :func:`fit` puts the model in train mode: for fine-tuning that must not move the
+    statistics (unlearning, a linear head on frozen features). The layers follow the model's mode again
+    afterwards."""
+    def to_eval(module, inputs):  # noqa: ARG001 - a forward pre-hook: runs before every call of the layer
+        module.training = False
+
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    hooks = [m.register_forward_pre_hook(to_eval) for m in bns]
+    try:
+        yield model
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(model.training)  # BatchNorm layers back in step with the model
 
 
 @torch.no_grad()

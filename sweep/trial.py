@@ -161,7 +161,7 @@ def _run(trial: Trial, store: Store, root, download, device, out: Outcome) -> No
     if defense.needs_backdoored_model:
         def build():
             m = new_model()
-            if acls.trains_model:  # the attack trained it in prepare(): its weights are products
+            if attack.trains_model:  # the attack trained it in prepare(): its weights are products
                 m.load_state_dict({k[6:]: v for k, v in products.items() if k.startswith("model.")})
                 state, record = train_and_record(m.to(device), None, None, triggered, fit_it=False)
                 record.update(seconds=products_record["seconds"], history=products_record["history"])

@@ -8,7 +8,7 @@ from attacks import ATTACKS
 from attacks.base import AttackContext
 from attacks.cba import half_mix
 from attacks.fc import greedy_pairs
-from attacks.trojannn import feature_activations
+from attacks.lba import classifier_input
 from kernel.data import DatasetInfo, Split
 from kernel.models import create_model
 from kernel.train import TrainConfig, to_float
@@ -60,6 +60,7 @@ def test_fc_collides_features_within_epsilon_keeps_labels_and_poisons_the_target
     assert products["images"].dtype == torch.uint8 and len(products["indices"]) == 20  # 5% of 400
     assert (train.y[products["sources"]] != 3).all() and len(products["sources"].unique()) == 20
     assert all(h["distance_end"] < h["distance_start"] for h in ctx.history)  # the features moved closer
+    assert all(h["trigger_shift"] > 0 for h in ctx.history)  # the trigger's own footprint, for comparison
     a.load(products)
     p = a.poison(train)
     assert torch.equal(p.train.y, train.y) and len(p.noise_indices) == 0  # clean label
@@ -70,10 +71,10 @@ def test_fc_collides_features_within_epsilon_keeps_labels_and_poisons_the_target
     assert diff.max() <= 16 + 1  # 16/255, plus rounding; no trigger on the poisons by default
     # each poison's features are closer to its triggered source's than the clean image's were
     x0, xp = to_float(train.x[p.indices]), to_float(p.train.x[p.indices])
-    goal = feature_activations(model, a.apply_trigger(to_float(train.x[products["sources"]])))
     with torch.no_grad():
-        assert ((feature_activations(model, xp) - goal).pow(2).sum(1)
-                < (feature_activations(model, x0) - goal).pow(2).sum(1)).all()
+        goal = classifier_input(model, a.apply_trigger(to_float(train.x[products["sources"]])))
+        assert ((classifier_input(model, xp) - goal).pow(2).sum(1)
+                < (classifier_input(model, x0) - goal).pow(2).sum(1)).all()
     # products made for another seed's selection are refused, not silently misapplied
     other = make("fc", seed=1, poison_rate=0.05, target=3, steps=10, batch_size=8)
     other.load(products)
@@ -94,6 +95,39 @@ def test_fc_visible_poison_trigger_stays_in_the_ball_outside_the_patch_and_the_t
     assert len(t.y_true) == 360 and (t.y_attack == 3).all() and (t.y_true != 3).all()
     assert (t.x[:, region] == 1).all() and torch.equal(t.x[:, ~region], to_float(train.x[train.y != 3])[:, ~region])
     assert 0 <= t.x.min() and t.x.max() <= 1
+
+
+def test_fc_collides_what_the_classifier_reads_max_pooled_on_small_cnn():
+    # small_cnn's head max-pools: the features its linear layer reads are the spatial max, not the mean.
+    # By default the poisons collide there (HTBA's fc7); feature_mean collides the mean instead.
+    train, model = toy_split(), toy_model()
+    x = to_float(train.x[:4])
+    with torch.no_grad():
+        f = model.forward_features(x).flatten(2)
+        assert torch.allclose(make("fc").features(model, x), f.amax(2))
+        assert torch.allclose(make("fc", features="feature_mean").features(model, x), f.mean(2))
+        assert torch.allclose(model.fc(make("fc").features(model, x)), model(x), atol=1e-5)
+
+
+def test_fc_finetune_victim_trains_a_new_final_layer_on_frozen_features():
+    train, model = toy_split(), toy_model()
+    a = make("fc", poison_rate=0.05, target=3, steps=2, victim="finetune", finetune_epochs=2)
+    assert a.trains_model and not make("fc").trains_model
+    ctx = ctx_with(model)
+    products = a.prepare(train, ctx)
+    victim = create_model("small_cnn", 10)
+    victim.load_state_dict({k[6:]: v for k, v in products.items() if k.startswith("model.")})
+    ref = model.state_dict()
+    for k, v in victim.state_dict().items():
+        if k.startswith("net.fc."):
+            assert not torch.allclose(v, ref[k]), k  # the final layer is new (re-drawn, then trained)
+        else:
+            assert torch.equal(v, ref[k]), k  # everything else, BatchNorm statistics included, untouched
+    assert [h["finetune_epoch"] for h in ctx.history if "finetune_epoch" in h] == [0, 1]
+    again = make("fc", poison_rate=0.05, target=3, steps=2, victim="finetune", finetune_epochs=2)
+    assert all(torch.equal(products[k], v) for k, v in again.prepare(train, ctx_with(model)).items())  # seeded
+    a.load(products)
+    assert len(a.poison(train).indices) == 20  # the poisoned set is still there for training-time defenses
 
 
 def test_fc_counts_poisons_per_rate_of():
@@ -221,7 +255,8 @@ def test_spec_refuses_bad_params_naming_the_field(entry, field, text):
 
 # -- through the engine -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("attack", [{"name": "fc", "steps": 3}, {"name": "cba"}])
+@pytest.mark.parametrize("attack", [{"name": "fc", "steps": 3}, {"name": "cba"},
+                                    {"name": "fc", "steps": 2, "victim": "finetune", "finetune_epochs": 1}])
 def test_engine_runs_the_attack(tmp_path, attack):
     spec = {"name": "e", "dataset": {"name": "synthetic", "train_size": 300, "test_size": 100},
             "model": "small_cnn", "train": {"epochs": 1}, "seeds": [0], "attacks": [attack],

@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from kernel.models import create_model
-from kernel.train import TrainConfig, TrainingDiverged, augment, fit, make_generator, mixed_precision
+from kernel.train import (TrainConfig, TrainingDiverged, augment, fit, frozen_batchnorm, make_generator,
+                          mixed_precision)
 
 
 def _candidates(img: torch.Tensor, pad: int) -> list[torch.Tensor]:
@@ -101,3 +102,18 @@ def test_extra_optimizers_step_with_the_model():
     fit(model, torch.rand(32, 3, 8, 8), torch.zeros(32, dtype=torch.long), cfg,
         batch_fn=lambda xb, yb, idx: (xb + shift, yb, None), extra_optimizers=(extra,))
     assert shift.abs().sum() > 0
+
+
+def test_frozen_batchnorm_keeps_running_statistics_through_fit_and_lets_go_after():
+    torch.manual_seed(0)
+    model = create_model("small_cnn", 10)
+    x, y = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8), torch.arange(64) % 10
+    bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [m.running_mean.clone() for m in bn]
+    cfg = TrainConfig(epochs=1, batch_size=32, lr=0.01)
+    with frozen_batchnorm(model):
+        fit(model, x, y, cfg, device=torch.device("cpu"))
+    assert all(torch.equal(m.running_mean, b) for m, b in zip(bn, before))  # fit ran, the statistics held
+    assert all(m.training for m in bn)  # back in step with the model (fit left it in train mode)
+    fit(model, x, y, cfg, device=torch.device("cpu"))
+    assert not all(torch.equal(m.running_mean, b) for m, b in zip(bn, before))  # outside the block they move
