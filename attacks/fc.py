@@ -70,10 +70,11 @@ Deviations, deliberate:
   poisons are a weaker attack here than in transfer learning. Either way the attack can only be as
   strong as the trigger's footprint in the reference features (``trigger_shift`` in the history) is
   large against the collision's residual (``distance_end``); on CIFAR-10 with small_cnn the 4×4 patch
-  barely moves them (docs/attacks.md, fc). ``poison_trigger`` > 0 additionally mixes the trigger into the poisons at that opacity
-  (1: pasted), in the way LC stamps its adversarial images; the default 0 keeps the poisons trigger-free
-  (the "hidden" trigger). Measured on the synthetic set (2,000 images, small_cnn, 20 epochs): hidden, ASR
-  0.08 (a clean model: 0.04); pasted (``poison_trigger: 1``), ASR 0.88.
+  barely moves them (docs/attacks.md, fc). ``poison_trigger`` > 0 additionally mixes the trigger into
+  the poisons at that opacity (1: pasted), in the way LC stamps its adversarial images; the default 0
+  keeps the poisons trigger-free (the "hidden" trigger). Measured on the synthetic set (2,000 images,
+  small_cnn, 20 epochs, ``features: feature_mean``): hidden, ASR 0.08 (a clean model: 0.04); pasted
+  (``poison_trigger: 1``), ASR 0.88.
 """
 from __future__ import annotations
 
@@ -81,9 +82,9 @@ from dataclasses import replace
 from typing import Literal, Union
 
 import torch
-from torch import nn
 import torch.nn.functional as F
 from pydantic import Field, ValidationInfo, model_validator
+from torch import nn
 
 from attacks import ATTACKS
 from attacks.badnets import Corner, patch_content
@@ -223,9 +224,10 @@ class FeatureCollision(PrecomputedPoisonsAttack):
                 # How far the trigger moves a source's features: a collision is only as useful as its
                 # residual distance is small against this (docs/attacks.md, fc).
                 shift = (phi(xs) - goal).pow(2).sum(1)
-                pair = greedy_pairs(torch.cdist(phi(x), goal))
+                fx = phi(x)
+                pair = greedy_pairs(torch.cdist(fx, goal))
                 goal = goal[pair.to(ctx.device)]
-                start = (phi(x) - goal).pow(2).sum(1)
+                start = (fx - goal).pow(2).sum(1)
             xp, end = collide(phi, x, goal, p.epsilon, p.step_size, p.steps)
             out.append(to_uint8(xp).cpu())
             paired.append(si[pair])

@@ -238,8 +238,8 @@ def fit(
 def frozen_batchnorm(model: nn.Module):
     """Inside the block every BatchNorm layer of ``model`` runs in eval mode (running statistics used, not
     updated) even while :func:`fit` puts the model in train mode: for fine-tuning that must not move the
-    statistics (unlearning, a linear head on frozen features). The layers follow the model's mode again
-    afterwards."""
+    statistics (ABL's and BAERASE's unlearning). Other layers (dropout) keep the model's mode. The
+    BatchNorm layers follow the model's mode again afterwards."""
     def to_eval(module, inputs):  # noqa: ARG001 - a forward pre-hook: runs before every call of the layer
         module.training = False
 
