@@ -25,6 +25,14 @@ Algorithm (static, seeded; the authors' ``MixDataset`` with their ``HalfMixer``,
    the middle, and (``shake``) each side is a randomly placed window of its image of the side's size,
    not the image's own half; without ``shake`` the windows are centred. The result is the same size as the
    inputs: halves of each, not shrunk copies.
+4. ``poisoning: dynamic`` (the authors' way; a training-controlled attack, its model made in ``prepare``):
+   the composites and mixes are not fixed in the training set but re-drawn for every batch
+   (:meth:`CompositeBackdoor.batch_mixer`): the batch's first ``poison_rate`` share becomes new A+B
+   composites, the next ``mix_ratio`` times as many new same-class mixes of a random class (the authors'
+   ``mix_item``), each of two training images drawn at random and augmented before mixing; the rest of
+   the batch stays clean. Every training image is then seen clean in most epochs, and the model sees a
+   new set of composites each epoch instead of the same ones again. Training-time defenses (ABL), which
+   train on the poisoned *set*, get the static poisoning of steps 1-2.
 At test time (``triggered_test``): each class-A test image is mixed in the same way with a class-B test
 image (seeded pairing, B images cycled if there are fewer); ASR is the fraction classified as the target.
 Their ``y_true`` is A (the first image's class), so RA counts composites left as class A.
@@ -40,10 +48,14 @@ Where the defaults come from (the authors' public code, TemporaryAcc0unt/composi
   code uses.
 
 Deviations, deliberate:
-- Static poisoning of a fixed-size training set, as every attack of this engine: the authors' dataset
-  draws fresh mixes at every access and *adds* mixes and composites to the clean data (1.1·N samples,
-  half of them clean); here the composites and mixes replace samples, so with the defaults 60% of the
-  training set is altered and 40% stays clean.
+- Static poisoning by default, as every data-poisoning attack of this engine: the authors' dataset
+  draws fresh mixes at every access (``poisoning: dynamic`` does) and *adds* mixes and composites to the
+  clean data (1.1·N samples, half of them clean); here the composites and mixes replace samples (in the
+  set, or in each batch), so with the defaults 60% of the training set (of each batch) is altered and 40%
+  stays clean.
+- The authors' CIFAR-10 script trains 50 epochs with Adam, flips but no random crops, and keeps the
+  checkpoint of the epoch with the *best ASR* (their "BEST POI"); the engine trains every attack's model
+  with the sweep's recipe and reports the last epoch.
 - No training-loss change: the authors also add a similarity loss between outputs of the source classes
   and composites (``CompositeLoss``); the engine trains every attack's model the same way, with CE.
 - The mixer's windows may lie anywhere inside the image (the authors' offset ranges are a few pixels
@@ -63,10 +75,10 @@ import torch
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from attacks import ATTACKS
-from attacks.base import Attack, PoisonParams, Poisoned
+from attacks.base import Attack, AttackContext, PoisonParams, Poisoned
 from kernel.data import Split
 from kernel.metrics import TriggeredSet
-from kernel.train import to_float, to_uint8
+from kernel.train import TrainConfig, augment, fit, make_generator, to_float, to_uint8
 
 
 class CBAParams(PoisonParams):
@@ -82,6 +94,10 @@ class CBAParams(PoisonParams):
     shake: bool = Field(True, description="each side is a random window of its image (else a centred one)")
     orientation: Literal["random", "vertical", "horizontal"] = Field(
         "random", description="vertical: left | right halves; horizontal: top / bottom; random: either, per mix")
+    poisoning: Literal["static", "dynamic"] = Field(
+        "static", description="static: composites and mixes fixed once in the training set (the engine's way); "
+                              "dynamic: fresh ones in every batch (the authors' MixDataset), a training-controlled "
+                              "attack")
 
     @field_validator("target", mode="before")
     @classmethod
@@ -115,23 +131,45 @@ class CBAParams(PoisonParams):
 
 def half_mix(a: torch.Tensor, b: torch.Tensor, g: torch.Generator, jitter: int, shake: bool,
              orientation: str) -> torch.Tensor:
-    """The authors' HalfMixer on (N, C, H, W) pairs, every random choice drawn from ``g``."""
-    out = torch.empty_like(a)
+    """The authors' HalfMixer on (N, C, H, W) pairs, every random choice drawn from ``g``.
+
+    The choices are drawn per pair on the CPU (a few scalars each, in a fixed order, so a seed gives the
+    same mixes on any device); the pixels are then moved for the whole batch by one ``gather`` per
+    orientation, on the batch's device, since the dynamic mode mixes every training batch."""
     n, _, h, w = a.shape
-    for i in range(n):
-        x, y = (b[i], a[i]) if torch.rand(1, generator=g).item() < 0.5 else (a[i], b[i])
+    draws = []  # per pair: (swap, vertical, left width s, left window start p, right window start q)
+    for _ in range(n):
+        swap = torch.rand(1, generator=g).item() < 0.5
         vertical = (torch.rand(1, generator=g).item() < 0.5) if orientation == "random" else orientation == "vertical"
-        if not vertical:  # split rows: transpose, split columns, transpose back
-            x, y = x.transpose(1, 2), y.transpose(1, 2)
         size = w if vertical else h
-        s = size // 2 + int(torch.randint(-jitter, jitter + 1, (1,), generator=g))  # left part's width
+        s = size // 2 + int(torch.randint(-jitter, jitter + 1, (1,), generator=g))
         if shake:
             p = int(torch.randint(0, size - s + 1, (1,), generator=g))
             q = int(torch.randint(0, s + 1, (1,), generator=g))
         else:
             p, q = (size - s) // 2, s // 2
-        m = torch.cat([x[:, :, p:p + s], y[:, :, q:q + size - s]], dim=2)
-        out[i] = m if vertical else m.transpose(1, 2)
+        draws.append((swap, vertical, s, p, q))
+    swap, vertical, s, p, q = torch.tensor(draws, dtype=torch.long).reshape(n, 5).unbind(1)
+    swap, vertical = swap.bool(), vertical.bool()
+    dev = a.device
+    swap = swap.to(dev).view(n, 1, 1, 1)
+    first, second = torch.where(swap, b, a), torch.where(swap, a, b)
+    out = torch.empty_like(a)
+    for v in (True, False):
+        sel = (vertical == v).nonzero().flatten()
+        if not len(sel):
+            continue
+        x, y = first[sel.to(dev)], second[sel.to(dev)]
+        if not v:  # split rows: transpose, split columns, transpose back
+            x, y = x.transpose(2, 3), y.transpose(2, 3)
+        k, c, rows, size = x.shape
+        j = torch.arange(size).expand(k, size)
+        ss = s[sel, None]
+        left = j < ss  # column j comes from the first image's window, else from the second's
+        src = torch.where(left, p[sel, None] + j, q[sel, None] + j - ss).to(dev).view(k, 1, 1, size)
+        src = src.expand(k, c, rows, size)
+        m = torch.where(left.to(dev).view(k, 1, 1, size), x.gather(3, src), y.gather(3, src))
+        out[sel.to(dev)] = m if v else m.transpose(2, 3)
     return out
 
 
@@ -153,6 +191,14 @@ class CompositeBackdoor(Attack):
     def mix(self, a: torch.Tensor, b: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         p = self.params
         return half_mix(a, b, g, p.jitter, p.shake, p.orientation)
+
+    @property
+    def has_products(self) -> bool:  # dynamic: the backdoored model is made in prepare()
+        return self.params.poisoning == "dynamic"
+
+    @property
+    def trains_model(self) -> bool:
+        return self.params.poisoning == "dynamic"
 
     def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError("cba: the trigger is a composite of two images, not a stamp on one; see "
@@ -197,6 +243,65 @@ class CompositeBackdoor(Attack):
                 partner[at] = pick
             x[neg] = to_uint8(self.mix(to_float(train.x[neg]), to_float(train.x[partner]), g))
         return Poisoned(Split(x, y), idx, noise_indices=neg)
+
+    # -- dynamic poisoning: the authors' MixDataset, fresh mixes in every batch ---------------------
+    def batch_mixer(self, train: Split, cfg: TrainConfig, device: torch.device):
+        """``fit``'s ``batch_fn`` for dynamic poisoning: the batch's first ``poison_rate`` share is replaced by
+        new A+B composites (labelled ``target``), the next ``mix_ratio`` times as many by new same-class mixes
+        (a random negative class each, label kept: the authors' ``mix_item``), the rest is left clean. Each
+        mixed image is made of two training images freshly drawn (with replacement) and augmented first, as
+        the authors' base dataset augments before their ``MixDataset`` mixes."""
+        p = self.params
+        g = torch.Generator().manual_seed(self.seed + 3_000_017)  # picks and mixer draws: their own stream
+        aug = make_generator(self.seed + 3_000_019, device)
+        x_all = train.x.to(device)
+        by_class = {k: (train.y == k).nonzero().flatten() for k in train.y.unique().tolist()}
+        for k in (p.class_a, p.class_b):
+            if k not in by_class:
+                raise ValueError(f"cba: the training set has no images of class {k}")
+        negative_classes = torch.tensor(sorted(by_class) if p.negatives == "all_classes" else [p.class_a, p.class_b])
+
+        def picks(k: int, n: int) -> torch.Tensor:
+            """``n`` augmented float images of class ``k``, drawn at random."""
+            pool = by_class[k]
+            xb = x_all[pool[torch.randint(len(pool), (n,), generator=g)].to(device)]
+            return to_float(augment(xb, aug, cfg.crop_pad) if cfg.augment else xb)
+
+        def batch_fn(xb, yb, idx):  # noqa: ARG001 - the batch is shuffled: its first rows are a random draw
+            b = len(xb)
+            nb = round(p.poison_rate * b)
+            nm = min(round(p.mix_ratio * nb), b - nb)
+            x, y = xb.clone(), yb.clone()
+            if nb:
+                x[:nb] = self.mix(picks(p.class_a, nb), picks(p.class_b, nb), g)
+                y[:nb] = p.target
+            if nm:
+                ks = negative_classes[torch.randint(len(negative_classes), (nm,), generator=g)]
+                first, second = torch.empty_like(xb[:nm]), torch.empty_like(xb[:nm])
+                for k in ks.unique().tolist():
+                    at = (ks == k).nonzero().flatten().to(device)
+                    first[at], second[at] = picks(k, len(at)), picks(k, len(at))
+                x[nb:nb + nm] = self.mix(first, second, g)
+                y[nb:nb + nm] = ks.to(y)
+            return x, y, None
+
+        return batch_fn
+
+    def prepare(self, train: Split, ctx: AttackContext) -> dict[str, torch.Tensor]:
+        """Dynamic poisoning only: train the backdoored model on batches re-mixed by :meth:`batch_mixer`."""
+        model = ctx.new_model()
+
+        def on_epoch(epoch, rec):  # noqa: ARG001
+            if ctx.evaluate is not None:
+                rec.update(ctx.evaluate(model))
+            ctx.history.append(rec)
+
+        fit(model, train.x, train.y, ctx.train_cfg, seed=self.seed, device=ctx.device,
+            batch_fn=self.batch_mixer(train, ctx.train_cfg, ctx.device), on_epoch=on_epoch)
+        return {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+    def load(self, products: dict[str, torch.Tensor]) -> None:
+        """Nothing to take: the products are the backdoored model's weights, which the engine loads."""
 
     def triggered_test(self, test: Split) -> TriggeredSet | None:
         p = self.params

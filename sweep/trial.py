@@ -129,7 +129,7 @@ def _run(trial: Trial, store: Store, root, download, device, out: Outcome) -> No
         m.train(was_training)
         return {k: v for k, v in r.items() if v is not None}
 
-    if acls.has_products:
+    if attack.has_products:
         def reference_model():
             """The clean model of this seed: attack ``none``'s backdoored model, from the same cache."""
             key = content_hash({"dataset": trial.dataset, "model": trial.model, "train": trial.train,

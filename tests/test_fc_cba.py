@@ -1,6 +1,8 @@
 """The two attacks of ABL's table added last: ``fc`` (feature-collision clean-label backdoor, products made
 against the reference model) and ``cba`` (composite backdoor: A-half + B-half -> target, same-class mixes
 keep their labels). Toy tensors, an untrained toy model, and one short engine run each."""
+import json
+
 import pytest
 import torch
 
@@ -163,6 +165,23 @@ def test_half_mix_is_made_of_two_halves_of_its_inputs():
     assert (first < 100).all() != (second < 100).all()
 
 
+def test_half_mix_batches_both_orientations_on_non_square_images():
+    # random orientation on 20x28 images: each output is split once, by columns or by rows, and the pixels
+    # come from its own pair only (the batched gather must not mix up pairs or the transposed layout)
+    n, g = 64, torch.Generator().manual_seed(1)
+    a = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 20, 28)
+    m = half_mix(a, a + 1000, g, jitter=2, shake=True, orientation="random")
+    kinds = set()
+    for i in range(n):
+        assert set(m[i].unique().tolist()) == {float(i), float(i + 1000)}
+        cols, rows = m[i, 0].mean(0), m[i, 0].mean(1)
+        by_cols = set(cols.unique().tolist()) == {float(i), float(i + 1000)}
+        kinds.add(by_cols)
+        side = cols if by_cols else rows
+        assert (side[1:] != side[:-1]).sum() == 1  # one split line
+    assert kinds == {True, False}
+
+
 def test_cba_labels_counts_and_negative_mixes():
     train = toy_split()
     a = make("cba", poison_rate=0.05, mix_ratio=2)
@@ -210,6 +229,32 @@ def test_cba_negatives_of_the_source_classes_only():
         make("cba", poison_rate=0.1, mix_ratio=3, negatives="source_classes").poison(train)  # 80 A/B images
 
 
+def test_cba_dynamic_remixes_every_batch_composites_negatives_and_clean_rest():
+    train = toy_split()
+    a = make("cba", poison_rate=0.1, mix_ratio=2, poisoning="dynamic", orientation="vertical", jitter=0,
+             shake=False)
+    assert a.trains_model and a.has_products and not make("cba").trains_model and not make("cba").has_products
+    mixer = a.batch_mixer(train, TrainConfig(augment=False), torch.device("cpu"))
+    xb, yb = to_float(train.x[:100]), train.y[:100]
+    x, y = mixer(xb, yb, torch.arange(100))[:2]
+    assert (y[:10] == 0).all()  # 10 composites, relabelled to the target
+    assert torch.equal(y[30:], yb[30:]) and torch.equal(x[30:], xb[30:])  # the rest left clean
+    img = (x * 255).round().to(torch.uint8)
+    for i in range(10):  # an A half and a B half, from anywhere in the training set
+        (la, ra), (lb, rb) = halves(img[i], train.x[train.y == 1]), halves(img[i], train.x[train.y == 2])
+        assert (len(la) and len(rb)) or (len(lb) and len(ra)), i
+    for i in range(10, 30):  # 20 negatives: two halves of images of the class they keep as label
+        left, right = halves(img[i], train.x[train.y == y[i]])
+        assert len(left) and len(right), i
+    x2, y2 = mixer(xb, yb, torch.arange(100))[:2]
+    assert not torch.equal(x2[:30], x[:30])  # fresh mixes in the next batch
+    # seeded: a new mixer of the same attack makes the same first batch
+    assert torch.equal(a.batch_mixer(train, TrainConfig(augment=False), torch.device("cpu"))(xb, yb, None)[0], x)
+    s = make("cba", poisoning="dynamic", negatives="source_classes", mix_ratio=3)
+    y3 = s.batch_mixer(train, TrainConfig(augment=False), torch.device("cpu"))(xb, yb, None)[1]
+    assert set(y3[10:40].tolist()) <= {1, 2}
+
+
 def test_cba_triggered_test_mixes_class_a_with_class_b_towards_the_target():
     test = toy_split(200, seed=2)
     a = make("cba", class_a=4, class_b=7, target=2)
@@ -240,6 +285,7 @@ REFUSALS = [
     ({"name": "cba", "class_b": 10}, "attacks[0].class_b", "not a class"),
     ({"name": "cba", "mix_ratio": 10}, "attacks[0]", "mix_ratio"),
     ({"name": "cba", "negatives": "some"}, "attacks[0].negatives", "all_classes"),
+    ({"name": "cba", "poisoning": "online"}, "attacks[0].poisoning", "dynamic"),
 ]
 
 
@@ -255,7 +301,7 @@ def test_spec_refuses_bad_params_naming_the_field(entry, field, text):
 
 # -- through the engine -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("attack", [{"name": "fc", "steps": 3}, {"name": "cba"},
+@pytest.mark.parametrize("attack", [{"name": "fc", "steps": 3}, {"name": "cba"}, {"name": "cba", "poisoning": "dynamic"},
                                     {"name": "fc", "steps": 2, "victim": "finetune", "finetune_epochs": 1}])
 def test_engine_runs_the_attack(tmp_path, attack):
     spec = {"name": "e", "dataset": {"name": "synthetic", "train_size": 300, "test_size": 100},
@@ -265,3 +311,17 @@ def test_engine_runs_the_attack(tmp_path, attack):
     row = execute(trial, Store(tmp_path)).row
     assert row["status"] == "ok", row["error"]
     assert row["asr"] is not None and row["clean_acc"] is not None
+
+
+def test_engine_takes_the_dynamic_cba_model_from_prepare_and_reuses_it(tmp_path):
+    spec = {"name": "e", "dataset": {"name": "synthetic", "train_size": 300, "test_size": 100},
+            "model": "small_cnn", "train": {"epochs": 2}, "seeds": [0],
+            "attacks": [{"name": "cba", "poisoning": "dynamic"}],
+            "defenses": [{"name": "none"}, {"name": "finetune", "clean_size": 30, "epochs": 1}]}
+    store = Store(tmp_path)
+    first, second = (execute(t, store).row for t in expand(parse_spec(spec)))
+    assert first["status"] == second["status"] == "ok", (first["error"], second["error"])
+    assert first["attack_cached"] is False and second["attack_cached"] is True  # trained once, in prepare
+    (products,) = (tmp_path / "products").glob("*.json")
+    record = json.loads(products.read_text())
+    assert len(record["history"]) == 2 and first["attack_seconds"] == pytest.approx(record["seconds"])
