@@ -89,6 +89,13 @@ class Poisoned:
     noise_indices: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
 
 
+def weights(module: "torch.nn.Module", prefix: str = "model") -> dict[str, torch.Tensor]:
+    """``module``'s state as products, its keys under ``prefix.`` (CPU, contiguous: what the store saves).
+    A training-controlled attack returns its backdoored model this way: the engine loads the ``model.``
+    entries into the trial's model."""
+    return {f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
 @dataclass
 class AttackContext:
     """What the engine lends :meth:`Attack.prepare`."""

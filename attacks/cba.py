@@ -75,7 +75,7 @@ import torch
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from attacks import ATTACKS
-from attacks.base import Attack, AttackContext, PoisonParams, Poisoned
+from attacks.base import Attack, AttackContext, PoisonParams, Poisoned, weights
 from kernel.data import Split
 from kernel.metrics import TriggeredSet
 from kernel.train import TrainConfig, augment, fit, make_generator, to_float, to_uint8
@@ -196,9 +196,7 @@ class CompositeBackdoor(Attack):
     def has_products(self) -> bool:  # dynamic: the backdoored model is made in prepare()
         return self.params.poisoning == "dynamic"
 
-    @property
-    def trains_model(self) -> bool:
-        return self.params.poisoning == "dynamic"
+    trains_model = has_products
 
     def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError("cba: the trigger is a composite of two images, not a stamp on one; see "
@@ -254,7 +252,7 @@ class CompositeBackdoor(Attack):
         p = self.params
         g = torch.Generator().manual_seed(self.seed + 3_000_017)  # picks and mixer draws: their own stream
         aug = make_generator(self.seed + 3_000_019, device)
-        x_all = train.x.to(device)
+        x_all = train.x.to(device)  # no copy when the caller already moved it (prepare does)
         by_class = {k: (train.y == k).nonzero().flatten() for k in train.y.unique().tolist()}
         for k in (p.class_a, p.class_b):
             if k not in by_class:
@@ -290,6 +288,7 @@ class CompositeBackdoor(Attack):
     def prepare(self, train: Split, ctx: AttackContext) -> dict[str, torch.Tensor]:
         """Dynamic poisoning only: train the backdoored model on batches re-mixed by :meth:`batch_mixer`."""
         model = ctx.new_model()
+        train = Split(train.x.to(ctx.device), train.y)  # one copy on the device, for fit and the mixer alike
 
         def on_epoch(epoch, rec):  # noqa: ARG001
             if ctx.evaluate is not None:
@@ -298,7 +297,7 @@ class CompositeBackdoor(Attack):
 
         fit(model, train.x, train.y, ctx.train_cfg, seed=self.seed, device=ctx.device,
             batch_fn=self.batch_mixer(train, ctx.train_cfg, ctx.device), on_epoch=on_epoch)
-        return {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        return weights(model)
 
     def load(self, products: dict[str, torch.Tensor]) -> None:
         """Nothing to take: the products are the backdoored model's weights, which the engine loads."""

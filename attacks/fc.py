@@ -88,7 +88,7 @@ from torch import nn
 
 from attacks import ATTACKS
 from attacks.badnets import Corner, patch_content
-from attacks.base import AttackContext, CleanLabelParams, PrecomputedPoisonsAttack, corner
+from attacks.base import AttackContext, CleanLabelParams, PrecomputedPoisonsAttack, corner, weights
 from attacks.lba import classifier_input
 from attacks.trojannn import feature_activations
 from kernel.data import Split
@@ -239,13 +239,13 @@ class FeatureCollision(PrecomputedPoisonsAttack):
         if p.victim == "finetune":
             x = train.x.clone()
             x[idx] = self.finish(products["images"])
-            products.update({f"model.{k}": v for k, v in self.finetune(model, x, train.y, ctx).items()})
+            products.update(weights(self.finetune(model, x, train.y, ctx)))
         return products
 
     def finetune(self, reference: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 ctx: AttackContext) -> dict[str, torch.Tensor]:
+                 ctx: AttackContext) -> nn.Module:
         """HTBA's victim: the reference model's features, frozen, under a new final layer trained on the
-        poisoned training set (x, y). Returns its state dict."""
+        poisoned training set (x, y). Returns that model."""
         p = self.params
         model = ctx.new_model()
         model.load_state_dict(reference.state_dict())
@@ -273,7 +273,7 @@ class FeatureCollision(PrecomputedPoisonsAttack):
                 on_epoch=on_epoch)
         finally:
             hook.remove()
-        return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        return model
 
     def finish(self, images: torch.Tensor) -> torch.Tensor:
         if self.params.poison_trigger == 0:

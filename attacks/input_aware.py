@@ -78,7 +78,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from attacks import ATTACKS
-from attacks.base import Attack, AttackContext, PoisonParams, Poisoned
+from attacks.base import Attack, AttackContext, PoisonParams, Poisoned, weights
 from kernel.data import Split, stratified_indices
 from kernel.train import fit, predict, to_float, to_uint8
 
@@ -316,10 +316,7 @@ class InputAware(Attack):
             extra_optimizers=(opt_g,), on_epoch=on_epoch)
         gen.eval()
 
-        def tensors(prefix, module):
-            return {f"{prefix}.{k}": v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-
-        return {**tensors("model", model), **tensors("gen", gen), **tensors("mask", mask_net)}
+        return {**weights(model), **weights(gen, "gen"), **weights(mask_net, "mask")}
 
     def load(self, products: dict[str, torch.Tensor]) -> None:
         gen, mask_net = self._new_generators()
