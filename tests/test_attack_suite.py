@@ -7,27 +7,15 @@ import pytest
 import torch
 
 from attacks import ATTACKS
-from kernel.data import DatasetInfo, Split
+from kernel.data import Split
 from sweep.spec import SpecError, expand, parse_spec
+from toys import GRAY, INFO, make, toy_split
 
 torch.set_num_threads(1)
 
-INFO = DatasetInfo("toy", 10, (3, 32, 32), 1000, 200, (0.5,) * 3, (0.25,) * 3, "toy")
-GRAY = DatasetInfo("toy1", 10, (1, 28, 28), 1000, 200, (0.5,), (0.25,), "toy")
 CTX = {"num_classes": 10, "shape": (3, 32, 32)}
 NEW = ["trojan_sq", "trojan_wm", "sig", "wanet", "lf", "multi_target"]
 DIRTY = ["trojan_sq", "trojan_wm", "wanet", "lf"]  # single-target dirty-label attacks
-
-
-def make(name, seed=0, info=INFO, **params):
-    cls = ATTACKS.get(name)
-    ctx = {"num_classes": info.num_classes, "shape": info.shape}
-    return cls(cls.Params.model_validate(params, context=ctx), info, seed)
-
-
-def toy_split(n=1000, seed=1, info=INFO):
-    g = torch.Generator().manual_seed(seed)
-    return Split(torch.randint(0, 256, (n, *info.shape), generator=g, dtype=torch.uint8), torch.arange(n) % 10)
 
 
 def changed(a: Split, b: Split):
@@ -70,7 +58,7 @@ def test_trigger_depends_on_its_parameters(name, params):
 @pytest.mark.parametrize("name", DIRTY + ["multi_target"])
 @pytest.mark.parametrize("rate", [0.01, 0.1])
 def test_poison_changes_exactly_the_requested_samples(name, rate):
-    train = toy_split()
+    train = toy_split(1000)
     a = make(name, poison_rate=rate)
     p = a.poison(train)
     k = round(rate * len(train))
@@ -87,7 +75,7 @@ def test_poison_changes_exactly_the_requested_samples(name, rate):
 
 @pytest.mark.parametrize("name", ["trojan_sq", "trojan_wm"])
 def test_trojan_defaults_target_2(name):
-    train = toy_split()
+    train = toy_split(1000)
     p = make(name).poison(train)
     assert (p.train.y[p.indices] == 2).all() and (train.y[p.indices] != 2).all()
     t = make(name).triggered_test(train)
@@ -96,7 +84,7 @@ def test_trojan_defaults_target_2(name):
 
 @pytest.mark.parametrize("name", DIRTY)
 def test_all_to_all(name):
-    train = toy_split()
+    train = toy_split(1000)
     a = make(name, poison_rate=0.2, target="all")
     p = a.poison(train)
     assert len(p.indices) == 200
@@ -110,7 +98,7 @@ def test_all_to_all(name):
 @pytest.mark.parametrize("rate,rate_of,expected", [(0.05, "train", 50), (0.1, "train", 100),
                                                    (0.5, "target_class", 50), (1.0, "target_class", 100)])
 def test_sig_is_clean_label(rate, rate_of, expected):
-    train = toy_split()  # 100 images per class
+    train = toy_split(1000)  # 100 images per class
     a = make("sig", poison_rate=rate, rate_of=rate_of, target=4)
     assert a.clean_label
     p = a.poison(train)
@@ -133,7 +121,7 @@ def test_sig_signal_formula():
 
 
 def test_sig_too_many_poisons_is_an_error():
-    train = toy_split()
+    train = toy_split(1000)
     y = train.y.clone()
     y[(train.y == 0).nonzero().flatten()[:50]] = 1  # the target class keeps 50 of its 100 images
     with pytest.raises(ValueError, match="only 50 are eligible"):
@@ -144,7 +132,7 @@ def test_sig_too_many_poisons_is_an_error():
 
 @pytest.mark.parametrize("rate,cross", [(0.1, 2.0), (0.05, 1.0), (0.1, 0.0), (0.03, 2.5)])
 def test_wanet_noise_samples_keep_labels_and_counts_are_exact(rate, cross):
-    train = toy_split()
+    train = toy_split(1000)
     p = make("wanet", poison_rate=rate, cross_ratio=cross).poison(train)
     k = round(rate * len(train))
     assert len(p.indices) == k and len(p.noise_indices) == round(cross * k)
@@ -170,7 +158,7 @@ def test_wanet_warp_is_smooth_and_noise_differs_from_trigger():
 # -- multi-target ----------------------------------------------------------------------------------
 
 def test_multi_target_labels_per_pair():
-    train = toy_split()
+    train = toy_split(1000)
     pairs = [{"position": "top_left", "target": 5}, {"position": "bottom_right", "target": 7, "pattern": "checkerboard"},
              {"position": [10, 10], "target": 5, "pattern": "black"}]
     a = make("multi_target", poison_rate=0.1, pairs=pairs)

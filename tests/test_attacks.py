@@ -3,19 +3,8 @@ import pytest
 import torch
 
 from attacks import ATTACKS
-from kernel.data import DatasetInfo, Split
+from toys import INFO, make, toy_split
 
-INFO = DatasetInfo("toy", 10, (3, 32, 32), 1000, 200, (0.5,) * 3, (0.25,) * 3, "toy")
-
-
-def make(name, seed=0, **params):
-    cls = ATTACKS.get(name)
-    return cls(cls.Params.model_validate(params, context={"num_classes": 10}), INFO, seed)
-
-
-def toy_split(n=1000, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return Split(torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8), torch.arange(n) % 10)
 
 
 def test_registry_names():
@@ -25,7 +14,7 @@ def test_registry_names():
 @pytest.mark.parametrize("name", ["badnets", "blend"])
 @pytest.mark.parametrize("rate", [0.01, 0.1, 0.5])
 def test_poison_exact_count_and_labels_all_to_one(name, rate):
-    train = toy_split()
+    train = toy_split(1000)
     a = make(name, poison_rate=rate, target=3)
     p = a.poison(train)
     k = round(rate * len(train))
@@ -42,7 +31,7 @@ def test_poison_exact_count_and_labels_all_to_one(name, rate):
 
 
 def test_all_to_all_labels():
-    train = toy_split()
+    train = toy_split(1000)
     a = make("badnets", poison_rate=0.2, target="all")
     p = a.poison(train)
     assert torch.equal(p.train.y[p.indices], (train.y[p.indices] + 1) % 10)
@@ -60,7 +49,7 @@ def test_triggered_test_excludes_target_class():
 
 @pytest.mark.parametrize("name", ["badnets", "blend"])
 def test_deterministic_for_a_seed(name):
-    train = toy_split()
+    train = toy_split(1000)
     p1, p2 = make(name, seed=5).poison(train), make(name, seed=5).poison(train)
     assert torch.equal(p1.indices, p2.indices) and torch.equal(p1.train.x, p2.train.x)
     p3 = make(name, seed=6).poison(train)
@@ -124,11 +113,11 @@ def test_params_validation():
 
 def test_too_many_poisons_is_an_error():
     with pytest.raises(ValueError, match="eligible"):
-        make("badnets", poison_rate=0.95).poison(toy_split())
+        make("badnets", poison_rate=0.95).poison(toy_split(1000))
 
 
 def test_none_attack_has_no_trigger():
-    train = toy_split()
+    train = toy_split(1000)
     a = make("none")
     p = a.poison(train)
     assert len(p.indices) == 0 and a.triggered_test(train) is None

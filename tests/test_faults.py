@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 

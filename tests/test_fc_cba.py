@@ -6,41 +6,17 @@ import json
 import pytest
 import torch
 
-from attacks import ATTACKS
-from attacks.base import AttackContext
 from attacks.cba import half_mix
 from attacks.fc import greedy_pairs
 from attacks.lba import classifier_input
-from kernel.data import DatasetInfo, Split
 from kernel.models import create_model
 from kernel.train import TrainConfig, to_float
 from sweep.spec import SpecError, expand, parse_spec
 from sweep.store import Store
 from sweep.trial import execute
+from toys import ctx_with, make, toy_model, toy_split
 
 torch.set_num_threads(1)
-INFO = DatasetInfo("toy", 10, (3, 32, 32), 400, 100, (0.5,) * 3, (0.25,) * 3, "toy")
-
-
-def make(name, seed=0, **params):
-    cls = ATTACKS.get(name)
-    return cls(cls.Params.model_validate(params, context={"num_classes": 10, "shape": INFO.shape}), INFO, seed)
-
-
-def toy_split(n=400, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return Split(torch.randint(0, 256, (n, *INFO.shape), generator=g, dtype=torch.uint8), torch.arange(n) % 10)
-
-
-def toy_model(seed=0):
-    torch.manual_seed(seed)
-    return create_model("small_cnn", 10, 3, INFO.mean, INFO.std).eval()
-
-
-def ctx_with(model):
-    return AttackContext(train_cfg=TrainConfig(epochs=1), device=torch.device("cpu"),
-                         new_model=lambda: create_model("small_cnn", 10),
-                         reference_model=lambda: model.eval().requires_grad_(False))  # as the engine lends it
 
 
 # -- fc ---------------------------------------------------------------------------------------------
@@ -51,7 +27,7 @@ def test_greedy_pairs_takes_the_closest_pairs_first_each_once():
 
 
 def test_fc_collides_features_within_epsilon_keeps_labels_and_poisons_the_target_class_only():
-    train, model = toy_split(), toy_model()
+    train, model = toy_split(400), toy_model()
     a = make("fc", poison_rate=0.05, target=3, steps=10, batch_size=8)
     with pytest.raises(RuntimeError, match="prepare"):
         a.poison(train)  # no collided images yet
@@ -85,7 +61,7 @@ def test_fc_collides_features_within_epsilon_keeps_labels_and_poisons_the_target
 
 
 def test_fc_visible_poison_trigger_stays_in_the_ball_outside_the_patch_and_the_test_trigger_is_pasted():
-    train, a = toy_split(), make("fc", poison_rate=0.05, target=3, steps=3, poison_trigger=1.0,
+    train, a = toy_split(400), make("fc", poison_rate=0.05, target=3, steps=3, poison_trigger=1.0,
                                  patch_size=4, position=[2, 5], pattern="white")
     a.load(a.prepare(train, ctx_with(toy_model())))
     p = a.poison(train)
@@ -102,7 +78,7 @@ def test_fc_visible_poison_trigger_stays_in_the_ball_outside_the_patch_and_the_t
 def test_fc_collides_what_the_classifier_reads_max_pooled_on_small_cnn():
     # small_cnn's head max-pools: the features its linear layer reads are the spatial max, not the mean.
     # By default the poisons collide there (HTBA's fc7); feature_mean collides the mean instead.
-    train, model = toy_split(), toy_model()
+    train, model = toy_split(400), toy_model()
     x = to_float(train.x[:4])
     with torch.no_grad():
         f = model.forward_features(x).flatten(2)
@@ -112,7 +88,7 @@ def test_fc_collides_what_the_classifier_reads_max_pooled_on_small_cnn():
 
 
 def test_fc_finetune_victim_trains_a_new_final_layer_on_frozen_features():
-    train, model = toy_split(), toy_model()
+    train, model = toy_split(400), toy_model()
     a = make("fc", poison_rate=0.05, target=3, steps=2, victim="finetune", finetune_epochs=2)
     assert a.trains_model and not make("fc").trains_model
     ctx = ctx_with(model)
@@ -133,7 +109,7 @@ def test_fc_finetune_victim_trains_a_new_final_layer_on_frozen_features():
 
 
 def test_fc_counts_poisons_per_rate_of():
-    y = toy_split().y
+    y = toy_split(400).y
     assert len(make("fc", poison_rate=0.5, rate_of="target_class").select(y)) == 20  # half of 40
     assert len(make("fc", poison_rate=0.1).select(y)) == 40  # 10% of 400: the whole target class
 
@@ -183,7 +159,7 @@ def test_half_mix_batches_both_orientations_on_non_square_images():
 
 
 def test_cba_labels_counts_and_negative_mixes():
-    train = toy_split()
+    train = toy_split(400)
     a = make("cba", poison_rate=0.05, mix_ratio=2)
     p = a.poison(train)
     q = make("cba", poison_rate=0.05, mix_ratio=2).poison(train)
@@ -209,7 +185,7 @@ def halves(x: torch.Tensor, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def test_cba_composites_are_an_a_half_and_a_b_half_and_negatives_two_halves_of_their_class():
-    train = toy_split()
+    train = toy_split(400)
     p = make("cba", poison_rate=0.05, mix_ratio=1, orientation="vertical", jitter=0, shake=False).poison(train)
     for i in p.indices.tolist():
         (la, ra), (lb, rb) = halves(p.train.x[i], train.x[train.y == 1]), halves(p.train.x[i], train.x[train.y == 2])
@@ -222,7 +198,7 @@ def test_cba_composites_are_an_a_half_and_a_b_half_and_negatives_two_halves_of_t
 
 
 def test_cba_negatives_of_the_source_classes_only():
-    train = toy_split()
+    train = toy_split(400)
     s = make("cba", poison_rate=0.05, mix_ratio=2, negatives="source_classes").poison(train)
     assert set(train.y[s.noise_indices].unique().tolist()) <= {1, 2}
     with pytest.raises(ValueError, match="mix_ratio"):
@@ -230,7 +206,7 @@ def test_cba_negatives_of_the_source_classes_only():
 
 
 def test_cba_dynamic_remixes_every_batch_composites_negatives_and_clean_rest():
-    train = toy_split()
+    train = toy_split(400)
     a = make("cba", poison_rate=0.1, mix_ratio=2, poisoning="dynamic", orientation="vertical", jitter=0,
              shake=False)
     assert a.trains_model and a.has_products and not make("cba").trains_model and not make("cba").has_products

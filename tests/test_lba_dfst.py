@@ -6,27 +6,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attacks import ATTACKS
 from attacks.base import AttackContext
 from attacks.dfst import StyleGenerator, sunrise
 from attacks.lba import latent
-from kernel.data import DatasetInfo, Split
+from kernel.data import Split
 from kernel.models import create_model
 from kernel.train import TrainConfig, to_float, to_uint8
 from sweep.spec import SpecError, expand, parse_spec
 from sweep.store import Store
 from sweep.trial import execute
+from toys import GRAY, INFO, make, toy_model
 
 torch.set_num_threads(1)
-INFO = DatasetInfo("toy", 10, (3, 32, 32), 400, 100, (0.5,) * 3, (0.25,) * 3, "toy")
-GRAY = DatasetInfo("toy1", 10, (1, 28, 28), 400, 100, (0.5,), (0.25,), "toy")
 LBA = dict(trigger_samples=64, trigger_batch=16, trigger_epochs=3)
 DFST = dict(gen_images=128, gen_batch=16, gen_epochs=3)
-
-
-def make(name, seed=0, info=INFO, **params):
-    cls = ATTACKS.get(name)
-    return cls(cls.Params.model_validate(params, context={"num_classes": 10, "shape": info.shape}), info, seed)
 
 
 def toy_split(n=400, seed=1, info=INFO):
@@ -45,11 +38,6 @@ def ctx_with(model=None):
                          new_model=lambda: create_model("small_cnn", 10),
                          reference_model=(lambda: model.eval().requires_grad_(False))  # as the engine lends it
                          if model is not None else no_model)
-
-
-def toy_model(seed=0):
-    torch.manual_seed(seed)
-    return create_model("small_cnn", 10, 3, INFO.mean, INFO.std).eval()
 
 
 def check_poison(a, train, target):

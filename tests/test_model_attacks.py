@@ -6,38 +6,14 @@ import torch
 import torch.nn.functional as F
 
 from attacks import ATTACKS
-from attacks.base import AttackContext
 from attacks.lc import corner_checkers, pgd
-from kernel.data import DatasetInfo, Split
-from kernel.models import create_model
-from kernel.train import TrainConfig, to_float
+from kernel.train import to_float
 from sweep.spec import SpecError, expand, parse_spec
 from sweep.store import Store
 from sweep.trial import execute
+from toys import INFO, ctx_with, make, toy_model, toy_split
 
 torch.set_num_threads(1)
-INFO = DatasetInfo("toy", 10, (3, 32, 32), 400, 100, (0.5,) * 3, (0.25,) * 3, "toy")
-
-
-def make(name, seed=0, **params):
-    cls = ATTACKS.get(name)
-    return cls(cls.Params.model_validate(params, context={"num_classes": 10, "shape": INFO.shape}), INFO, seed)
-
-
-def toy_split(n=400, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return Split(torch.randint(0, 256, (n, *INFO.shape), generator=g, dtype=torch.uint8), torch.arange(n) % 10)
-
-
-def ctx_with(model):
-    return AttackContext(train_cfg=TrainConfig(epochs=1), device=torch.device("cpu"),
-                         new_model=lambda: create_model("small_cnn", 10),
-                         reference_model=lambda: model.eval().requires_grad_(False))  # as the engine lends it
-
-
-def toy_model(seed=0):
-    torch.manual_seed(seed)
-    return create_model("small_cnn", 10, 3, INFO.mean, INFO.std).eval()
 
 
 # -- lc ---------------------------------------------------------------------------------------------
@@ -57,7 +33,7 @@ def test_corner_trigger_survives_a_horizontal_flip():
 
 
 def test_lc_poisons_target_class_images_only_keeps_labels_and_uses_its_adversarial_images():
-    train, a = toy_split(), make("lc", poison_rate=0.05, target=3, steps=3)
+    train, a = toy_split(400), make("lc", poison_rate=0.05, target=3, steps=3)
     with pytest.raises(RuntimeError, match="prepare"):
         a.poison(train)  # no adversarial images yet
     products = a.prepare(train, ctx_with(toy_model()))
@@ -93,7 +69,7 @@ def test_lc_is_refused_all_to_all_and_too_high_a_rate():
 # -- trojannn ---------------------------------------------------------------------------------------
 
 def test_trojannn_trigger_excites_the_chosen_neurons_and_lives_in_its_mask():
-    train, model = toy_split(), toy_model()
+    train, model = toy_split(400), toy_model()
     a = make("trojannn", steps=40, trigger_batch=32)
     ctx = ctx_with(model)
     products = a.prepare(train, ctx)

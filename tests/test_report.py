@@ -5,7 +5,6 @@ client over HTTP, and renders the experiment page in headless Chromium (Debian's
 Playwright). Set BDSWEEP_UI_SCREENSHOT=path to keep the screenshot (docs/mlflow_ui.png was made so).
 """
 import os
-import re
 import shutil
 import socket
 import subprocess

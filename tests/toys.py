@@ -1,0 +1,41 @@
+"""Toy data, models and attack constructors shared by the attack tests (imported as ``toys``)."""
+from __future__ import annotations
+
+import torch
+
+from attacks import ATTACKS
+from attacks.base import AttackContext
+from kernel.data import DatasetInfo, Split
+from kernel.models import create_model
+from kernel.train import TrainConfig
+
+# CIFAR-shaped and MNIST-shaped stand-ins; attacks read only the shape, the class count and mean/std
+INFO = DatasetInfo("toy", 10, (3, 32, 32), 1000, 200, (0.5,) * 3, (0.25,) * 3, "toy")
+GRAY = DatasetInfo("toy1", 10, (1, 28, 28), 1000, 200, (0.5,), (0.25,), "toy")
+
+
+def make(name, seed=0, info=INFO, **params):
+    """Attack ``name`` with ``params`` validated as a spec would (the class count and shape in context)."""
+    cls = ATTACKS.get(name)
+    ctx = {"num_classes": info.num_classes, "shape": info.shape}
+    return cls(cls.Params.model_validate(params, context=ctx), info, seed)
+
+
+def toy_split(n, seed=1, info=INFO):
+    """``n`` uniform-noise uint8 images, labels cycling through the classes (n/10 of each)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, *info.shape), generator=g, dtype=torch.uint8)
+    return Split(x, torch.arange(n) % info.num_classes)
+
+
+def toy_model(seed=0, info=INFO):
+    """An untrained small_cnn in eval mode, seeded."""
+    torch.manual_seed(seed)
+    return create_model("small_cnn", info.num_classes, info.shape[0], info.mean, info.std).eval()
+
+
+def ctx_with(model):
+    """An AttackContext whose clean reference model is ``model``, frozen as the engine lends it."""
+    return AttackContext(train_cfg=TrainConfig(epochs=1), device=torch.device("cpu"),
+                         new_model=lambda: create_model("small_cnn", 10),
+                         reference_model=lambda: model.eval().requires_grad_(False))
