@@ -110,6 +110,11 @@ class AttackContext:
     history: list = field(default_factory=list)  # per-epoch records of what prepare trained (curves)
     evaluate: Optional[Callable[["torch.nn.Module"], dict]] = None  # CA of a model, for those curves
 
+    def curve(self, model: "torch.nn.Module") -> dict:
+        """``model``'s curve metrics (CA/ASR/RA on the engine's curve sample), or none when the engine
+        lends no evaluator (direct calls, tests)."""
+        return self.evaluate(model) if self.evaluate is not None else {}
+
 
 class Attack:
     name: ClassVar[str]

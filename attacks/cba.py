@@ -291,9 +291,7 @@ class CompositeBackdoor(Attack):
         train = Split(train.x.to(ctx.device), train.y)  # one copy on the device, for fit and the mixer alike
 
         def on_epoch(epoch, rec):  # noqa: ARG001
-            if ctx.evaluate is not None:
-                rec.update(ctx.evaluate(model))
-            ctx.history.append(rec)
+            ctx.history.append({**rec, **ctx.curve(model)})
 
         fit(model, train.x, train.y, ctx.train_cfg, seed=self.seed, device=ctx.device,
             batch_fn=self.batch_mixer(train, ctx.train_cfg, ctx.device), on_epoch=on_epoch)

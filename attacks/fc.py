@@ -264,9 +264,8 @@ class FeatureCollision(PrecomputedPoisonsAttack):
         cfg = replace(ctx.train_cfg, epochs=p.finetune_epochs, lr=p.finetune_lr, momentum=0.9)
 
         def on_epoch(epoch, rec):
-            if ctx.evaluate is not None:
-                rec.update(ctx.evaluate(model))
-            ctx.history.append({"finetune_epoch": epoch, **{k: v for k, v in rec.items() if k != "epoch"}})
+            rec = {"finetune_epoch": epoch, **{k: v for k, v in rec.items() if k != "epoch"}, **ctx.curve(model)}
+            ctx.history.append(rec)
 
         try:
             fit(model, x, y, cfg, seed=self.seed, device=ctx.device, params=list(model.fc.parameters()),

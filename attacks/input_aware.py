@@ -298,8 +298,7 @@ class InputAware(Attack):
         keep = target != cy
 
         def on_epoch(epoch, rec):
-            if ctx.evaluate is not None:
-                rec.update(ctx.evaluate(model))
+            rec.update(ctx.curve(model))
             gen.eval()
             with torch.no_grad():  # one generator pass: the cross partners are the same images, rolled
                 m, pat = threshold(mask_net(cx)), gen(cx)
