@@ -119,14 +119,13 @@ class ABL(Defense):
     def apply(self, model, ctx):
         p, data = self.params, ctx.poisoned_train
         model = ctx.new_model()
-        evaluate = ctx.evaluate or (lambda m: {})
         step = 0
 
         def logger(stage, **extra):
             def on_epoch(epoch, record):
                 nonlocal step
                 extra_now = {k: record[k] for k in ("isolated_acc",) if k in record}
-                ctx.log(step, **{f"{stage}_loss": record["loss"]}, **extra, **extra_now, **evaluate(model))
+                ctx.log(step, **{f"{stage}_loss": record["loss"]}, **extra, **extra_now, **ctx.curve(model))
                 step += 1
             return on_epoch
 

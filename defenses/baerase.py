@@ -364,7 +364,7 @@ class BAErase(Defense):
         def on_epoch(epoch, record):
             succ = trigger_success(model, triggers, cx, cy, target, ctx.seed, dev)
             ctx.log(ctx.info.num_classes + p.restarts + epoch, unlearn_loss=record["loss"], trigger_asr=succ,
-                    **(ctx.evaluate(model) if ctx.evaluate else {}))
+                    **ctx.curve(model))
             return succ < p.stop_asr
 
         ctx.log(ctx.info.num_classes + p.restarts, trigger_asr_before=before)

@@ -82,6 +82,11 @@ class DefenseContext:
     def log(self, step: int, **metrics: float) -> None:
         self.history.append({"step": step, **metrics})
 
+    def curve(self, model: nn.Module) -> dict:
+        """``model``'s curve metrics (CA/ASR/RA on the engine's curve sample), or none when the engine
+        lends no evaluator (direct calls, tests)."""
+        return self.evaluate(model) if self.evaluate is not None else {}
+
 
 class Defense:
     name: ClassVar[str]

@@ -29,7 +29,7 @@ class Finetune(Defense):
                           schedule="cosine")
 
         def on_epoch(epoch, record):
-            ctx.log(epoch, finetune_loss=record["loss"], **(ctx.evaluate(model) if ctx.evaluate else {}))
+            ctx.log(epoch, finetune_loss=record["loss"], **ctx.curve(model))
 
         fit(model, ctx.clean.x, ctx.clean.y, cfg, seed=ctx.seed, device=ctx.device, on_epoch=on_epoch)
         return model

@@ -173,7 +173,7 @@ class IBAU(Defense):
                       "outer_steps": len(outer_losses)}
             if not all(math.isfinite(v) for v in record.values()):
                 raise FloatingPointError(f"I-BAU diverged in round {rnd}: {record}")
-            ctx.log(rnd, **record, **(ctx.evaluate(model) if ctx.evaluate else {}))
+            ctx.log(rnd, **record, **ctx.curve(model))
         model.eval()
         scale = float(delta.abs().max()) or 1.0
         ctx.artifacts["perturbation"] = (0.5 + delta[0].detach().cpu() / (2 * scale)).clamp(0, 1)

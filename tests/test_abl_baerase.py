@@ -301,11 +301,22 @@ def test_abl_row_takes_the_attack_figures_of_the_sweeps_backdoored_model(tmp_pat
     assert first["attack_asr"] is None and not store.exists("models", abl_trial.model_key)
     ref = execute(none_trial, store).row  # builds the model
     assert ref["status"] == "ok" and ref["attack_cached"] is False
-    again = execute(abl_trial, store).row
+    out = execute(abl_trial, store)
+    again = out.row
     assert again["status"] == "ok", again["error"]
     for k in ("attack_clean_acc", "attack_asr", "attack_robust_acc"):
         assert again[k] == ref[k]
     assert again["attack_cached"] is True and again["isolation_precision"] == first["isolation_precision"]
+    # the engine lends its evaluator: every logged step of the defense's curve has CA and ASR
+    steps = out.curves["defense"]
+    assert steps and all(0 <= h["clean_acc"] <= 1 and 0 <= h["asr"] <= 1 for h in steps)
+
+
+def test_defense_context_curve_is_the_engines_evaluator_or_nothing():
+    ctx = DefenseContext(info=None, train_cfg=None, seed=0, device=torch.device("cpu"))
+    assert ctx.curve(torch.nn.Identity()) == {}
+    ctx.evaluate = lambda m: {"clean_acc": 0.5, "asr": 0.25}
+    assert ctx.curve(torch.nn.Identity()) == {"clean_acc": 0.5, "asr": 0.25}
 
 
 def test_abl_unlearning_defaults_depend_on_the_mode_and_yield_to_set_values():
