@@ -12,6 +12,7 @@ Each returns a ``matplotlib.figure.Figure``; the caller saves or embeds it.
 from __future__ import annotations
 
 import math
+import textwrap
 
 import matplotlib
 
@@ -24,17 +25,29 @@ from sweep.report import METRIC_NAMES, ordered, variant_labels  # noqa: E402
 
 
 def swept_params(df: pd.DataFrame) -> list[str]:
-    """Hyperparameter columns (attack.* / defense.*) that take more than one value within one attack or
-    defense among successful rows. A parameter two defenses share at different defaults (I-BAU's lr 1e-3,
-    AWM's 1e-2) is not swept, and gets no plot."""
+    """Hyperparameter columns (attack.* / defense.*) that a plot against them shows as a line: among the
+    successful rows, at least one line of :func:`metric_vs_param` (an attack variant and a defense
+    variant, their other parameters fixed) ran at two or more of its values. So a parameter two defenses
+    share at different defaults (I-BAU's lr 1e-3, AWM's 1e-2) gets no plot, nor one that changes only
+    together with another between configurations listed one by one (AWM's rounds 10 and 20 going with
+    clean_target label and teacher): every line of such a plot would be a single point."""
     ok = df[df.status == "ok"]
     out = []
     for c in df.columns:
-        if c.startswith(("attack.", "defense.")):
-            by = ok.groupby(c.split(".", 1)[0])[c].nunique(dropna=True)
-            if (by > 1).any():
-                out.append(c)
+        if not c.startswith(("attack.", "defense.")):
+            continue
+        rows = ok[ok[c].notna()]
+        # cheap test first: the value must vary within one attack or defense at all
+        if (rows.groupby(c.split(".", 1)[0])[c].nunique() > 1).any() and \
+                (rows.groupby(_lines(rows, c))[c].nunique() > 1).any():
+            out.append(c)
     return out
+
+
+def _lines(rows: pd.DataFrame, param: str) -> pd.Series:
+    """Each row's line in a plot against ``param``: its attack and defense variants labelled without it."""
+    rest = rows.drop(columns=[param])
+    return variant_labels(rest, "attack") + " / " + variant_labels(rest, "defense")
 
 
 def _sort_key(v):
@@ -51,9 +64,7 @@ def metric_vs_param(df: pd.DataFrame, param: str, metrics=("asr", "clean_acc")) 
     """One panel per metric; x: the values of ``param`` (evenly spaced, in order), y: mean ± std over seeds."""
     kind = param.split(".", 1)[0]
     ok = ordered(df[(df.status == "ok") & df[param].notna()])
-    # Lines are the variants *other than* this parameter: label them without it.
-    rest = ok.drop(columns=[param])
-    line = variant_labels(rest, "attack") + " / " + variant_labels(rest, "defense")
+    line = _lines(ok, param)  # the variants *other than* this parameter
     values = sorted(ok[param].unique(), key=_sort_key)
     pos = {v: i for i, v in enumerate(values)}
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.8), squeeze=False)
@@ -75,18 +86,20 @@ def metric_vs_param(df: pd.DataFrame, param: str, metrics=("asr", "clean_acc")) 
     return fig
 
 
-def tradeoff(df: pd.DataFrame) -> plt.Figure:
-    """CA (y) against ASR (x): one marker per (attack variant, defense variant), colour per defense;
-    grey crosses are the backdoored models before the defense."""
+def tradeoff(df: pd.DataFrame, max_variants: int = 10) -> plt.Figure:
+    """CA (y) against ASR (x): one marker per (attack variant, defense variant), colour per defense
+    variant (per defense when there are more than ``max_variants`` variants, which a legend could not
+    tell apart); grey crosses are the backdoored models before the defense."""
     ok = ordered(df[df.status == "ok"])
     ok = ok.assign(_a=variant_labels(ok, "attack"), _d=variant_labels(ok, "defense"))
+    colour_by = "_d" if ok["_d"].nunique() <= max_variants else "defense"
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     before = ok.dropna(subset=["attack_asr"]).groupby("_a")[["attack_asr", "attack_clean_acc"]].mean()
     ax.scatter(100 * before.attack_asr, 100 * before.attack_clean_acc, marker="x", color="grey",
                label="before defense")
-    for dfn, g in ok.groupby("defense", sort=False):
+    for name, g in ok.groupby(colour_by, sort=False):
         pts = g.groupby(["_a", "_d"], sort=False)[["asr", "clean_acc"]].mean()
-        ax.scatter(100 * pts.asr, 100 * pts.clean_acc, label=dfn, alpha=0.8)
+        ax.scatter(100 * pts.asr, 100 * pts.clean_acc, label=textwrap.fill(name, 60), alpha=0.8)
     ax.set_xlabel("ASR (%)  (lower is better)")
     ax.set_ylabel("CA (%)  (higher is better)")
     ax.set_xlim(-2, 102)
@@ -102,12 +115,16 @@ def image_grid(images: list[tuple[str, np.ndarray]], cols: int = 6) -> plt.Figur
     n = max(1, len(images))
     cols = min(cols, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
+    # variant labels run long (every parameter that varies): wrap each line to the panel's width, and
+    # give the panels room for the tallest title
+    titles = ["\n".join(textwrap.fill(line, 34) for line in label.split("\n")) for label, _ in images]
+    title_lines = max((t.count("\n") + 1 for t in titles), default=1)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, (2.1 + 0.11 * title_lines) * rows), squeeze=False,
+                             layout="constrained")  # unlike tight_layout, keeps the suptitle clear of the titles
     for ax in axes.flat:
         ax.axis("off")
-    for ax, (label, img) in zip(axes.flat, images):
+    for ax, title, (_, img) in zip(axes.flat, titles, images):
         ax.imshow(img, interpolation="nearest")
-        ax.set_title(label, fontsize=7)
+        ax.set_title(title, fontsize=6)
     fig.suptitle("Recovered triggers / perturbations")
-    fig.tight_layout()
     return fig

@@ -202,8 +202,50 @@ def test_only_parameters_swept_within_one_method_get_a_plot():
         "attack.poison_rate": [0.1] * 4, "defense.lr": [1e-3, 1e-3, 1e-2, 1e-2],
         "defense.clean_size": ["100", "500", "100", "500"], "defense.rounds": [5, 5, None, None]})
     assert swept_params(df) == ["defense.clean_size"]
+    # lr now differs within ibau, but only between rows that also differ in clean_size: no line of an
+    # lr plot would have two points, so lr gets none (clean_size still has awm's line)
     df.loc[1, "defense.lr"] = 1e-4
+    assert swept_params(df) == ["defense.clean_size"]
+    # an ibau run at the other lr and the same clean_size makes a line of two points
+    df.loc[4] = {"status": "ok", "attack": "badnets", "defense": "ibau", "attack.poison_rate": 0.1,
+                 "defense.lr": 1e-4, "defense.clean_size": "100", "defense.rounds": 5}
     assert swept_params(df) == ["defense.lr", "defense.clean_size"]
+
+
+def test_parameters_that_change_together_between_listed_configurations_get_no_plot():
+    """Three AWM configurations listed one by one (as examples/awm_one_shot_cifar10.yaml does), each
+    on two seeds: rounds, lr_decay and clean_target change only together, so a plot against any of them
+    would be one point per line. A grid over clean_size inside one configuration is still plotted."""
+    from sweep.plots import swept_params
+    configs = [dict(rounds=10, lr_decay=0.9, clean_target="label", trigger_inner=None),
+               dict(rounds=10, lr_decay=0.9, clean_target="label", trigger_inner=30),
+               dict(rounds=20, lr_decay=1.0, clean_target="teacher", trigger_inner=30)]
+    rows = [{"status": "ok", "attack": "badnets", "defense": "awm", "seed": seed, "defense.clean_size": "one_shot",
+             **{f"defense.{k}": v for k, v in cfg.items()}} for cfg in configs for seed in (0, 1)]
+    df = pd.DataFrame(rows)
+    assert swept_params(df) == []
+    grid = pd.DataFrame([{**r, "defense.clean_size": "500"} for r in rows[:2]])
+    assert swept_params(pd.concat([df, grid], ignore_index=True)) == ["defense.clean_size"]
+
+
+def test_tradeoff_tells_configurations_of_one_defense_apart():
+    """Two AWM configurations and I-BAU: three colours, labelled by variant; past max_variants the
+    colours fall back to one per defense."""
+    import matplotlib.pyplot as plt
+
+    from sweep.plots import tradeoff
+    rows = [{"status": "ok", "attack": "badnets", "defense": d, "defense.rounds": r, "seed": 0,
+             "asr": 0.1, "clean_acc": 0.6, "attack_asr": 1.0, "attack_clean_acc": 0.7}
+            for d, r in [("awm", 10), ("awm", 20), ("ibau", 5)]]
+    df = pd.DataFrame(rows)
+    fig = tradeoff(df)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == ["before defense", "awm(rounds=10)", "awm(rounds=20)", "ibau"]
+    plt.close(fig)
+    fig = tradeoff(df, max_variants=2)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == ["before defense", "awm", "ibau"]
+    plt.close(fig)
 
 
 def test_trigger_images_from_read_only_arrays_log_without_warnings():
