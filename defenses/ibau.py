@@ -26,7 +26,7 @@ Defaults and where they come from (methods.md, "I-BAU"):
 - ``portion``: the authors' code adds δ to only 1% of each outer batch (one image of 100, over 50 batches a
   round on 5,000 images). With a 500-image clean set (4 batches a round) on the ~0.24M-parameter
   ``small_cnn`` that left BadNets ASR at 56%, while 50% of the batch cost 20 points of CA (measured on
-  10k-image CIFAR-10, docs/ibau_awm.md); the default is 0.1: a deliberate deviation, documented there.
+  10k-image CIFAR-10, docs/ibau_awm_probes.md); the default is 0.1: a deliberate deviation, documented there.
 - ``batch_size`` 128 (the code uses 100, BackdoorBench 256); ``clean_size`` 5% of the training set
   (BackdoorBench; the code takes 5,000 CIFAR-10 test images).
 - ``augment``: random crop + flip of the outer batches (kernel.train.augment). Not in the code; on the
@@ -34,7 +34,7 @@ Defaults and where they come from (methods.md, "I-BAU"):
 - ``min_samples`` 0 (one pass over the clean set a round, the code). The code's 5,000 images make 50
   inner and 50 outer steps a round; 500 images make 4. n > 0 cycles the set (fresh shuffles and
   augmentations) until each pass has seen n images. Measured on CIFAR-10 BadNets with 500 images
-  (docs/ibau_awm.md): 2,500 a round takes ASR from 95% to 2.3% but CA from -5.6 to -7.6 points (the
+  (docs/ibau_awm_probes.md): 2,500 a round takes ASR from 95% to 2.3% but CA from -5.6 to -7.6 points (the
   steps overfit the small set), so it stays off by default: a knob to sweep, not a fix.
 - The model stays in eval mode (BatchNorm statistics frozen), as in the code; x + δ is clamped to
   [0, 1] (valid images; the code clamps for GTSRB).

@@ -358,7 +358,7 @@ def small_cnn(num_classes: int, in_channels: int = 3) -> nn.Module:
 # The same network with a global *average*-pooled head, as the ResNets and WRNs have. A max-pooled head
 # answers to the strongest response anywhere in the image, so a perturbation far from a patch trigger can
 # stand in for it; this variant is the controlled comparison for defenses that search for a trigger
-# (docs/ibau_awm.md, "Fifth session"). Same recipe; about 3 points less clean accuracy.
+# (docs/ibau_awm_probes.md, "Fifth session"). Same recipe; about 3 points less clean accuracy.
 @register("small_cnn_avg", _TRAIN_DEFAULTS["small_cnn"])
 def small_cnn_avg(num_classes: int, in_channels: int = 3) -> nn.Module:
     return SmallCNN(num_classes, in_channels, head="avg")

@@ -266,10 +266,10 @@ def synthetic_backdoor():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [
     pytest.param("ibau", marks=pytest.mark.xfail(
-        reason="measured: synthetic BadNets CA 91.4 -> 70.4, ASR 99.3 -> 91.0 with the defaults (docs/ibau_awm.md)",
+        reason="measured: synthetic BadNets CA 91.4 -> 70.4, ASR 99.3 -> 91.0 with the defaults (docs/ibau_awm_probes.md)",
         strict=False)),
     pytest.param("awm", marks=pytest.mark.xfail(
-        reason="measured: synthetic BadNets ASR 99.4 -> 81.1 (rounds 20), 85.8 with trigger_norm 100 (docs/ibau_awm.md)",
+        reason="measured: synthetic BadNets ASR 99.4 -> 81.1 (rounds 20), 85.8 with trigger_norm 100 (docs/ibau_awm_probes.md)",
         strict=False)),
 ])
 def test_defense_removes_a_synthetic_backdoor_with_defaults(name, synthetic_backdoor):
@@ -278,7 +278,7 @@ def test_defense_removes_a_synthetic_backdoor_with_defaults(name, synthetic_back
 
     There is no fast unmarked variant: on the 2-core machine a synthetic model small enough to train in
     seconds (1,500 images, 6 epochs) learnt the trigger (ASR 99.6%) but not the task (CA 18%), so no
-    defense result on it means anything (measured: docs/ibau_awm.md)."""
+    defense result on it means anything (measured: docs/ibau_awm_probes.md)."""
     from kernel.metrics import evaluate
 
     ds, poisoned, trig, model = synthetic_backdoor
