@@ -11,7 +11,9 @@ same three hooks, so defenses can be written once for all models:
 
 - ``forward_features(x)``: the last convolutional feature map ``(N, C, h, w)`` (fine-pruning, NAD),
 - ``forward_head(f)``: logits from that map,
-- ``fc``: the final ``nn.Linear`` (re-initialising or fine-tuning the classifier).
+- ``fc``: the final ``nn.Linear`` (re-initialising or fine-tuning the classifier),
+- ``stages()``: the modules whose outputs end the network's last three resolution stages, shallow to
+  deep (NAD's attention maps; ResNet's layer2-4, WRN's three groups).
 
 Architectures: ``preact_resnet18`` and ``resnet18`` (CIFAR stems), ``wrn16_1`` (ABL), ``vgg_small``
 (I-BAU/AWM) and ``small_cnn`` (fast CPU model, see :class:`SmallCNN` for the measurements behind it).
@@ -91,6 +93,9 @@ class ImageClassifier(nn.Module):
     @property
     def fc(self) -> nn.Linear:
         return self.net.fc
+
+    def stages(self) -> list[nn.Module]:
+        return self.net.stages()
 
 
 def _channel_stats(value, default: float, in_channels: int, what: str) -> list[float]:
@@ -188,7 +193,7 @@ class ResNet(_Classifier):
 
     def __init__(self, block, num_classes: int, in_channels: int, preact: bool, blocks=(2, 2, 2, 2)):
         super().__init__()
-        self.preact = preact
+        self.preact, self.blocks = preact, tuple(blocks)
         self.conv1 = _conv3x3(in_channels, 64)
         # Post-activation ResNet normalises the stem; PreAct leaves it to the first block's bn1.
         self.bn1 = nn.Identity() if preact else nn.BatchNorm2d(64)
@@ -210,6 +215,10 @@ class ResNet(_Classifier):
 
     def forward_head(self, f):
         return _pool_head(f, self.fc)
+
+    def stages(self):
+        ends = torch.cumsum(torch.tensor(self.blocks), 0) - 1  # last block of each of layer1..layer4
+        return [self.layers[int(i)] for i in ends[-3:]]
 
 
 @register("preact_resnet18", _LITERATURE)
@@ -247,6 +256,7 @@ class WideResNet(_Classifier):
         if (depth - 4) % 6:
             raise ValueError("Wide-ResNet depth must be 6n+4")
         n, widths = (depth - 4) // 6, (16 * width, 32 * width, 64 * width)
+        self.per_group = n
         self.conv1 = _conv3x3(in_channels, 16)
         layers, cin = [], 16
         for i, w in enumerate(widths):
@@ -262,6 +272,9 @@ class WideResNet(_Classifier):
 
     def forward_head(self, f):
         return _pool_head(f, self.fc)
+
+    def stages(self):
+        return [self.layers[(g + 1) * self.per_group - 1] for g in range(3)]  # the ends of the three groups
 
 
 @register("wrn16_1", _LITERATURE)
@@ -296,6 +309,9 @@ class VGGSmall(_Classifier):
 
     def forward_head(self, f):
         return self.fc(torch.flatten(self.pool(f), 1))
+
+    def stages(self):
+        return [m for m in self.features if isinstance(m, nn.MaxPool2d)]  # each stage ends in its pool
 
 
 @register("vgg_small", _LITERATURE)
@@ -342,6 +358,9 @@ class SmallCNN(_Classifier):
         # Max-pooling (the default) keeps the strongest response anywhere: better than averaging for a
         # model this shallow.
         return self.fc(torch.flatten(self._pool(f, 1), 1))
+
+    def stages(self):
+        return list(self.features[1:])  # the last three blocks: 8x8, 4x4, 4x4 on CIFAR
 
 
 # Tuned on 10k CIFAR-10 images (3 seeds each, test accuracy): lr 0.05/wd 5e-4 73.8%, lr 0.1 + label
