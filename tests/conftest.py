@@ -60,3 +60,15 @@ def cifar10_root() -> Path:
     if not CIFAR10_ARCHIVE.is_file():
         pytest.skip(f"real CIFAR-10 archive not found at {CIFAR10_ARCHIVE}")
     return extract_once(CIFAR10_ARCHIVE, _cache_dir() / "cifar10-jpeg")
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test, then back: the models here are small, and the dev machine's two
+    cores are shared with whatever else runs."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

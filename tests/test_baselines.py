@@ -13,26 +13,16 @@ from defenses.base import DefenseContext
 from defenses.fine_pruning import channel_activity, prune_count
 from defenses.finetune import FinetuneParams, fine_tune
 from defenses.nad import attention_loss, attention_map
-from kernel.data import Split, dataset_info
-from kernel.models import create_model
-from kernel.train import TrainConfig, to_float
+from kernel.train import to_float
+from toys import defense_setup
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small models run fastest on one thread
 
 
 def _setup(n=100, seed=0):
-    info = dataset_info("synthetic")
-    g = torch.Generator().manual_seed(seed)
-    clean = Split((torch.rand(n, 3, 32, 32, generator=g) * 255).to(torch.uint8), torch.arange(n) % 10)
-    torch.manual_seed(seed)
-    model = create_model("small_cnn", 10, 3, info.mean, info.std)
-    ctx = DefenseContext(info=info, train_cfg=TrainConfig(), seed=seed, device=torch.device("cpu"), clean=clean)
+    _, clean, model, ctx = defense_setup(seed, n)
+    ctx.clean = clean
     return model, ctx
 
 

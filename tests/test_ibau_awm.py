@@ -10,17 +10,13 @@ from defenses import DEFENSES
 from defenses.awm import AWM, AWMParams, conv_weights, project_l1, scale_l1
 from defenses.base import DefenseContext, draw_clean_set
 from defenses.ibau import IBAU, IBAUParams, implicit_hypergradient
-from kernel.data import Split, dataset_info
+from kernel.data import Split
 from kernel.models import create_model
 from kernel.train import TrainConfig
+from toys import defense_setup
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small models run fastest on one thread
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,22 +122,12 @@ def test_registered_with_validated_defaults():
             AWMParams(**bad)
 
 
-def _tiny_setup(seed=0, n=200):
-    info = dataset_info("synthetic")
-    g = torch.Generator().manual_seed(seed)
-    train = Split((torch.rand(n, 3, 32, 32, generator=g) * 255).to(torch.uint8), torch.arange(n) % 10)
-    torch.manual_seed(seed)
-    model = create_model("small_cnn", 10, 3, info.mean, info.std)
-    ctx = DefenseContext(info=info, train_cfg=TrainConfig(), seed=seed, device=torch.device("cpu"))
-    return info, train, model, ctx
-
-
 @pytest.mark.parametrize("name,params", [
     ("ibau", {"rounds": 1, "K": 2, "batch_size": 16}),
     ("awm", {"rounds": 2, "inner": 1, "batch_size": 16, "min_samples": 16}),
 ])
 def test_one_shot_clean_set_works(name, params):
-    info, train, model, ctx = _tiny_setup()
+    info, train, model, ctx = defense_setup()
     cls = DEFENSES.get(name)
     p = cls.Params(clean_size="one_shot", **params)
     ctx.clean = draw_clean_set(train, torch.tensor([], dtype=torch.long), p.clean_size, 0, info.num_classes)
@@ -154,7 +140,7 @@ def test_one_shot_clean_set_works(name, params):
 
 
 def test_awm_mask_lr_decays_each_round_as_in_the_code():
-    info, train, model, ctx = _tiny_setup(n=32)
+    info, train, model, ctx = defense_setup(n=32)
     ctx.clean = train
     AWM(AWMParams(clean_size=32, rounds=3, inner=1, batch_size=16, min_samples=16, lr=0.1, lr_decay=0.5)).apply(model, ctx)
     assert [h["mask_lr"] for h in ctx.history] == pytest.approx([0.1, 0.05, 0.025])
@@ -165,7 +151,7 @@ def test_awm_mask_lr_decays_each_round_as_in_the_code():
 def test_ibau_min_samples_cycles_the_clean_set(min_samples, steps, monkeypatch):
     """32 clean images in batches of 16: one pass is 2 outer steps; min_samples 100 needs 4 passes.
     The inner maximisation still runs once a round."""
-    info, train, model, ctx = _tiny_setup(n=32)
+    info, train, model, ctx = defense_setup(n=32)
     ctx.clean = train
     calls, orig = [], IBAU._inner_max
     monkeypatch.setattr(IBAU, "_inner_max", lambda self, *a: (calls.append(1), orig(self, *a))[1])
@@ -183,7 +169,7 @@ def test_teacher_clean_target_ignores_the_clean_labels(name, params):
     cls = DEFENSES.get(name)
 
     def run(target, shift):
-        info, train, model, ctx = _tiny_setup(n=32)
+        info, train, model, ctx = defense_setup(n=32)
         ctx.clean = Split(train.x, (train.y + shift) % 10)
         out = cls(cls.Params(clean_size=32, clean_target=target, **params)).apply(model, ctx)
         return torch.cat([q.detach().flatten() for q in out.parameters()])
@@ -199,7 +185,7 @@ def test_awm_trigger_inner_sizes_the_trigger_phase(trigger_inner, calls, monkeyp
     import defenses.awm as awm_module
     count, orig = [], awm_module.project_l1
     monkeypatch.setattr(awm_module, "project_l1", lambda v, r: (count.append(1), orig(v, r))[1])
-    info, train, model, ctx = _tiny_setup(n=32)
+    info, train, model, ctx = defense_setup(n=32)
     ctx.clean = train
     AWM(AWMParams(clean_size=32, rounds=2, inner=1, batch_size=16, min_samples=16,
                   trigger_inner=trigger_inner)).apply(model, ctx)
@@ -207,7 +193,7 @@ def test_awm_trigger_inner_sizes_the_trigger_phase(trigger_inner, calls, monkeyp
 
 
 def test_awm_returns_masked_weights_and_keeps_everything_else():
-    info, train, model, ctx = _tiny_setup(n=64)
+    info, train, model, ctx = defense_setup(n=64)
     ctx.clean = train
     before = copy.deepcopy(model.state_dict())
     conv = set(conv_weights(model))

@@ -39,3 +39,17 @@ def ctx_with(model):
     return AttackContext(train_cfg=TrainConfig(epochs=1), device=torch.device("cpu"),
                          new_model=lambda: create_model("small_cnn", 10),
                          reference_model=lambda: model.eval().requires_grad_(False))
+
+
+def defense_setup(seed=0, n=200):
+    """For defense tests: the synthetic dataset's info, ``n`` uniform-noise images (labels cycling through
+    the classes), a seeded untrained small_cnn and a CPU DefenseContext without a clean set."""
+    from defenses.base import DefenseContext
+    from kernel.data import dataset_info
+
+    info = dataset_info("synthetic")
+    g = torch.Generator().manual_seed(seed)
+    split = Split((torch.rand(n, 3, 32, 32, generator=g) * 255).to(torch.uint8), torch.arange(n) % 10)
+    torch.manual_seed(seed)
+    model = create_model("small_cnn", 10, 3, info.mean, info.std)
+    return info, split, model, DefenseContext(info=info, train_cfg=TrainConfig(), seed=seed, device=torch.device("cpu"))
