@@ -13,7 +13,7 @@ from defenses.ibau import IBAU, IBAUParams, implicit_hypergradient
 from kernel.data import Split
 from kernel.models import create_model
 from kernel.train import TrainConfig
-from toys import defense_setup
+from toys import backdoored_synthetic, defense_setup
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: small models run fastest on one thread
@@ -219,23 +219,6 @@ def test_awm_returns_masked_weights_and_keeps_everything_else():
 # End to end on the embedded synthetic dataset
 
 
-def _backdoored_synthetic(train_size, epochs):
-    """A small_cnn trained with BadNets (3x3 white patch, 10%, target 0) on the embedded synthetic data."""
-    from attacks import ATTACKS
-    from kernel.data import load_dataset
-    from kernel.train import fit
-
-    ds = load_dataset("synthetic", train_size=train_size, test_size=1000, seed=0)
-    cls = ATTACKS.get("badnets")
-    attack = cls(cls.Params(poison_rate=0.1, target=0), ds.info, 0)
-    poisoned = attack.poison(ds.train)
-    torch.manual_seed(0)
-    model = create_model("small_cnn", 10, 3, ds.info.mean, ds.info.std)
-    fit(model, poisoned.train.x, poisoned.train.y, TrainConfig(epochs=epochs, batch_size=128, lr=0.05), seed=0,
-        device=torch.device("cpu"))
-    return ds, poisoned, attack.triggered_test(ds.test), model
-
-
 def _defend(name, params, ds, poisoned, model):
     cls = DEFENSES.get(name)
     p = cls.Params(**params)
@@ -246,7 +229,7 @@ def _defend(name, params, ds, poisoned, model):
 
 @pytest.fixture(scope="module")
 def synthetic_backdoor():
-    return _backdoored_synthetic(5000, 20)
+    return backdoored_synthetic(5000, 20)
 
 
 @pytest.mark.slow

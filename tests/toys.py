@@ -53,3 +53,21 @@ def defense_setup(seed=0, n=200):
     torch.manual_seed(seed)
     model = create_model("small_cnn", 10, 3, info.mean, info.std)
     return info, split, model, DefenseContext(info=info, train_cfg=TrainConfig(), seed=seed, device=torch.device("cpu"))
+
+
+def backdoored_synthetic(train_size, epochs):
+    """A small_cnn trained with BadNets (the default 3x3 patch, 10%, target 0) on the embedded synthetic data:
+    the dataset, the poisoned set, the triggered test set and the model."""
+    from attacks import ATTACKS
+    from kernel.data import load_dataset
+    from kernel.train import fit
+
+    ds = load_dataset("synthetic", train_size=train_size, test_size=1000, seed=0)
+    cls = ATTACKS.get("badnets")
+    attack = cls(cls.Params(poison_rate=0.1, target=0), ds.info, 0)
+    poisoned = attack.poison(ds.train)
+    torch.manual_seed(0)
+    model = create_model("small_cnn", 10, 3, ds.info.mean, ds.info.std)
+    fit(model, poisoned.train.x, poisoned.train.y, TrainConfig(epochs=epochs, batch_size=128, lr=0.05), seed=0,
+        device=torch.device("cpu"))
+    return ds, poisoned, attack.triggered_test(ds.test), model
