@@ -11,7 +11,6 @@ from defenses.awm import AWM, AWMParams, conv_weights, project_l1, scale_l1
 from defenses.base import DefenseContext, draw_clean_set
 from defenses.ibau import IBAU, IBAUParams, implicit_hypergradient
 from kernel.data import Split
-from kernel.models import create_model
 from kernel.train import TrainConfig
 from toys import backdoored_synthetic, defense_setup
 
