@@ -15,7 +15,7 @@ bolunwang/backdoor). A baseline of the I-BAU and AWM tables.
    flagged as backdoor targets.
 3. **Mitigate by unlearning** (the paper's second mitigation). Fine-tune on the clean set, where
    ``unlearning_ratio`` (20%) of every batch is stamped with a flagged label's reversed trigger and
-   keeps its true label. This uses ``finetune``'s optimiser settings through the kernel's ``fit``. With
+   keeps its true label, through ``finetune``'s own ``fine_tune`` and its parameters. With
    no label flagged, the model is returned as it is: Neural Cleanse found no backdoor.
 
 Defaults: the code (Visualizer) and BackdoorBench (``config/defense/nc``): init_cost 1e-3, lr 0.1,
@@ -36,8 +36,8 @@ from pydantic import Field
 
 from defenses import DEFENSES
 from defenses.base import Defense
-from defenses.finetune import FinetuneParams
-from kernel.train import TrainConfig, fit, make_generator, to_float
+from defenses.finetune import FinetuneParams, fine_tune
+from kernel.train import make_generator, to_float
 
 
 class NeuralCleanseParams(FinetuneParams):
@@ -160,13 +160,4 @@ class NeuralCleanse(Defense):
             xb = torch.cat([(1 - m) * xb[:k] + m * pat, xb[k:]])
             return xb, yb, None
 
-        step0 = len(ctx.history)
-
-        def on_epoch(epoch, record):
-            ctx.log(step0 + epoch, unlearning_loss=record["loss"], **ctx.curve(model))
-
-        cfg = TrainConfig(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
-                          schedule="cosine")
-        fit(model, ctx.clean.x, ctx.clean.y, cfg, seed=ctx.seed, device=ctx.device, batch_fn=batch_fn,
-            on_epoch=on_epoch)
-        return model
+        return fine_tune(model, ctx, p, metric="unlearning_loss", batch_fn=batch_fn)
