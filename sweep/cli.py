@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from sweep.spec import SpecError, expand, load_spec
+from sweep.spec import SpecError, expand, load_spec, narrow
 
 
 def _load_or_exit(spec_path: str):
@@ -35,9 +35,21 @@ def main():
 @click.option("--retry-failed", is_flag=True, help="run again the trials recorded as failed")
 @click.option("--max-concurrent", type=int, default=None, help="at most this many trials at once")
 @click.option("--quiet", is_flag=True, help="no progress line")
-def run(spec_path, results_dir, address, mlflow_uri, storage, retry_failed, max_concurrent, quiet):
-    """Run the trials of SPEC that are not yet in RESULTS."""
+@click.option("--seed", "seeds", type=int, multiple=True, help="run only this seed of the spec (repeatable)")
+@click.option("--attack", "attacks", multiple=True, help="run only this attack of the spec, by name (repeatable)")
+@click.option("--defense", "defenses", multiple=True, help="run only this defense of the spec, by name (repeatable)")
+def run(spec_path, results_dir, address, mlflow_uri, storage, retry_failed, max_concurrent, quiet, seeds, attacks,
+        defenses):
+    """Run the trials of SPEC that are not yet in RESULTS (with --seed/--attack/--defense: a piece of it;
+    the rest runs later into the same RESULTS)."""
     spec, trials = _load_or_exit(spec_path)
+    if seeds or attacks or defenses:
+        try:
+            spec = narrow(spec, seeds, attacks, defenses)
+        except SpecError as e:
+            for field, msg in e.problems:
+                click.echo(f"  {field}: {msg}", err=True)
+            sys.exit(2)
     _run(spec, results_dir, address, mlflow_uri, storage, retry_failed, max_concurrent, quiet)
 
 
@@ -54,7 +66,7 @@ def resume(results_dir, address, mlflow_uri, storage, quiet):
 
 
 def _run(spec, results_dir, address, mlflow_uri, storage, retry_failed, max_concurrent, quiet):
-    from sweep.report import table, to_markdown
+    from sweep.report import search_summary, table, to_markdown
     from sweep.results import load
     from sweep.runner import run_sweep
 
@@ -67,7 +79,10 @@ def _run(spec, results_dir, address, mlflow_uri, storage, retry_failed, max_conc
         sys.exit(2)
     click.echo(f"sweep {spec.name}: {s.trials} trials, {s.skipped} already done, {s.ran} ran "
                f"({s.failed} failed) in {s.seconds:.0f}s -> {results_dir}")
-    click.echo(to_markdown(table(load(results_dir))))
+    df = load(results_dir)
+    click.echo(to_markdown(table(df)))
+    for text in search_summary(df, spec.search):  # a search's best configuration per attack
+        click.echo("\n" + text)
 
 
 @main.command()
@@ -75,7 +90,17 @@ def _run(spec, results_dir, address, mlflow_uri, storage, retry_failed, max_conc
 def validate(spec_path):
     """Check SPEC and print how many trials and backdoored models it asks for."""
     spec, trials = _load_or_exit(spec_path)
-    click.echo(f"{spec.name}: {len(trials)} trials, {len({t.model_key for t in trials})} backdoored models")
+    keys = {t.model_key for t in trials}
+    if spec.search is not None:
+        from sweep.search import describe, groups
+
+        gs = groups(spec)
+        keys |= {g.key for g in gs}
+        click.echo(f"{spec.name}: {len(trials)} grid trials, {len(gs)} × {spec.search.num_samples} searched trials, "
+                   f"{len(keys)} backdoored models")
+        click.echo(f"  {describe(spec.search)}")
+        return
+    click.echo(f"{spec.name}: {len(trials)} trials, {len(keys)} backdoored models")
 
 
 @main.command()
@@ -97,9 +122,15 @@ def report(results_dir, metrics, fmt, out, mlflow_uri):
         path = write_report(results_dir, fmt, out, mlflow_uri, metrics or ("clean_acc", "asr", "robust_acc", "der"))
         click.echo(f"report written to {path}")
         return
+    from sweep.report import search_summary
+    from sweep.search import spec_of
+
     df = load(results_dir)
     click.echo(to_markdown(table(df, metrics or ("clean_acc", "asr"))))
-    failed = int((df.status != "ok").sum())
+    saved = spec_of(results_dir)
+    for text in search_summary(df, saved.search if saved is not None else None):
+        click.echo("\n" + text)
+    failed = int((df.status == "failed").sum())
     if failed:
         click.echo(f"\n{failed} failed trial(s); see the 'error' column of the results.")
 

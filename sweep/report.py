@@ -6,6 +6,10 @@ A variant is labelled by its name and the parameters that vary across the sweep 
 DER (defense effectiveness rating, BackdoorBench's definition with its sign error fixed) is computed per
 trial from the row's own before/after figures: (max(0, ΔASR) − max(0, ΔCA) + 1) / 2 with Δ = before −
 after; 1 is a perfect defense, 0.5 one that changes nothing.
+
+A search's trials (rows with a ``search`` name, sweep/search.py) enter the tables as one column per search:
+its best finished trial on each backdoored model (``ibau (ibau_tpe best)``); the report adds, per search,
+the best configuration per attack, the objective over the trials, and a parallel-coordinates plot.
 """
 from __future__ import annotations
 
@@ -65,8 +69,9 @@ def _fmt_metric(m: str, mean: float, std: float) -> str:
 
 
 def summary(df: pd.DataFrame, metrics=("clean_acc", "asr")) -> pd.DataFrame:
-    """Mean and std over seeds per (attack variant, defense variant) of successful trials."""
-    ok = ordered(df[df.status == "ok"])
+    """Mean and std over seeds per (attack variant, defense variant) of successful trials (of a search: the
+    best trial of each backdoored model)."""
+    ok = ordered(searches_as_best(df[df.status == "ok"]))
     if "der" in metrics and "der" not in ok.columns:
         ok = with_der(ok)
     ok["attack_variant"] = variant_labels(ok, "attack")
@@ -164,6 +169,7 @@ def write_report(results_dir, fmt: str = "html", out=None, mlflow_uri: str | Non
 
     from sweep import plots
     from sweep.results import load
+    from sweep.search import spec_of
     from sweep.tracking import default_uri
 
     if fmt not in ("md", "html", "csv"):
@@ -175,9 +181,21 @@ def write_report(results_dir, fmt: str = "html", out=None, mlflow_uri: str | Non
     main.parent.mkdir(parents=True, exist_ok=True)
     sweep_name = str(df.sweep.iloc[0]) if len(df) else "sweep"
 
-    figures = {f"vs_{p.replace('.', '_')}": plots.metric_vs_param(df, p) for p in plots.swept_params(df)}
+    grid = df[~_is_searched(df)]  # a search's trials are plotted in its own figures
+    figures = {f"vs_{p.replace('.', '_')}": plots.metric_vs_param(grid, p) for p in plots.swept_params(grid)}
     if (df.status == "ok").any():
-        figures["tradeoff"] = plots.tradeoff(df)
+        figures["tradeoff"] = plots.tradeoff(searches_as_variants(df))
+    saved = spec_of(results_dir)
+    search = saved.search if saved is not None else None
+    for name in search_names(df):
+        rows = df[df.search == name]
+        space = search.space if search is not None and search.label == name else None
+        labels = variant_labels(df, "attack").loc[rows.index]
+        tag = name.replace(".", "_")
+        figures[f"search_{tag}_objective"] = plots.search_objective(rows, labels, name)
+        params = searched_params(rows, space)
+        if params:
+            figures[f"search_{tag}_parallel"] = plots.parallel_coordinates(rows, params, labels, name, space)
     local_store = uri.startswith("sqlite:///") and Path(uri[len("sqlite:///"):]).exists()
     images = trigger_images(df, uri) if (local_store or not uri.startswith("sqlite")) else []
     if images:
@@ -190,8 +208,11 @@ def write_report(results_dir, fmt: str = "html", out=None, mlflow_uri: str | Non
         pngs[name] = buf.getvalue()
 
     tables = {m: table(df, (m,)) for m in metrics}
-    n_ok, n_failed = int((df.status == "ok").sum()), int((df.status != "ok").sum())
-    head = f"Sweep {sweep_name}: {n_ok} trials ok, {n_failed} failed. Cells: mean ± std over seeds (%; DER in [0, 1])."
+    search_parts = search_summary(df, search)
+    n_ok, n_failed, n_stopped = (int((df.status == k).sum()) for k in ("ok", "failed", "stopped"))
+    stopped = f", {n_stopped} stopped early by a search's scheduler" if n_stopped else ""
+    head = (f"Sweep {sweep_name}: {n_ok} trials ok, {n_failed} failed{stopped}. Cells: mean ± std over seeds "
+            "(%; DER in [0, 1]).")
     if fmt == "csv":
         _tidy(df, metrics).to_csv(main, index=False)
     if fmt in ("md", "csv"):
@@ -201,6 +222,8 @@ def write_report(results_dir, fmt: str = "html", out=None, mlflow_uri: str | Non
         parts = [f"# {sweep_name}", "", head, ""]
         for m, t in tables.items():
             parts += [f"## {METRIC_NAMES[m]}", "", to_markdown(t), ""]
+        for text in search_parts:
+            parts += ["## Search", "", text, ""]
         parts += [f"![{name}]({name}.png)\n" for name in pngs]
         main.write_text("\n".join(parts))
     if fmt == "html":
@@ -214,6 +237,13 @@ def write_report(results_dir, fmt: str = "html", out=None, mlflow_uri: str | Non
             flat = t.copy()
             flat.columns = [d for d, _ in t.columns]
             parts += [f"<h2>{METRIC_NAMES[m]}</h2>", flat.to_html(classes=f"metric-{m}", border=0)]
+        for name in search_names(df):
+            space = search.space if search is not None and search.label == name else None
+            rows = df[df.search == name]
+            parts += [f"<h2>Search {html.escape(name)}</h2>",
+                      f"<p>{html.escape(_objective_text(rows, name, search))}. Best finished trial per attack and "
+                      "seed (CA, ASR, ΔCA in %; trials: ok / stopped early / failed).</p>",
+                      search_table(df, name, space).to_html(classes="search", border=0, index=False)]
         for name, data in pngs.items():
             parts.append(f"<h2>{html.escape(name)}</h2><img alt='{name}' src='data:image/png;base64,"
                          f"{base64.b64encode(data).decode()}'>")
@@ -234,3 +264,126 @@ def _attach_to_parent_run(uri: str, sweep_name: str, path) -> None:
     parents = client.search_runs([exp.experiment_id], "tags.`bdsweep.role` = 'sweep'", max_results=1)
     if parents:
         client.log_artifact(parents[0].info.run_id, str(path), "report")
+
+
+# --------------------------------------------------------------------------------------------------
+# Searches
+
+
+def search_names(df: pd.DataFrame) -> list[str]:
+    return sorted(df.search.dropna().unique()) if "search" in df.columns else []
+
+
+def _is_searched(df: pd.DataFrame) -> pd.Series:
+    return df.search.notna() if "search" in df.columns else pd.Series(False, index=df.index)
+
+
+def searches_as_best(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with each search's rows replaced by its best finished trial per backdoored model, shown as
+    the defense variant ``<defense> (<search> best)`` (its parameters left out of the label: they differ
+    per model; the search's own table lists them)."""
+    searched = _is_searched(df)
+    if not searched.any():
+        return df
+    best = best_trials(df[searched])
+    if best.empty:
+        return df[~searched]
+    params = [c for c in best.columns if c.startswith("defense.")]
+    best = best.assign(defense=best.defense + " (" + best.search.astype(str) + " best)")
+    best[params] = pd.NA
+    return pd.concat([df[~searched], best])
+
+
+def best_trials(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rank-1 finished trial of every (search, backdoored model)."""
+    from sweep.search import ranks
+
+    ok = rows[(rows.status == "ok") & rows.search_objective.notna()]
+    if ok.empty:
+        return ok
+    return ok[ranks(ok) == 1]
+
+
+def searched_params(rows: pd.DataFrame, space: dict | None = None) -> list[str]:
+    """The parameters a search varied: its space's (from the saved spec), else the ``defense.*`` columns
+    that vary among its rows."""
+    if space:
+        return [p for p in space if f"defense.{p}" in rows.columns]
+    return [c.split(".", 1)[1] for c in rows.columns
+            if c.startswith("defense.") and rows[c].nunique(dropna=True) > 1]
+
+
+def search_table(df: pd.DataFrame, name: str, space: dict | None = None) -> pd.DataFrame:
+    """For search ``name``: one row per attack variant and seed, its best configuration and figures (%),
+    the trials it ran (ok / stopped / failed)."""
+    rows = df[_is_searched(df) & (df.search == name)]
+    if rows.empty:
+        return pd.DataFrame()
+    labels = variant_labels(df, "attack")
+    params = searched_params(rows, space)
+    best = best_trials(rows)
+    out = []
+    for key, g in rows.groupby("model_key", sort=False):
+        first = g.iloc[0]
+        b = best[best.model_key == key]
+        rec = {"attack": labels.loc[g.index[0]], "seed": int(first.seed),
+               "trials": f"{int((g.status == 'ok').sum())} / {int((g.status == 'stopped').sum())} / "
+                         f"{int((g.status == 'failed').sum())}"}
+        if not b.empty:
+            r = b.iloc[0]
+            rec.update({"objective": f"{r.search_objective:.4g}", "CA": _fmt(r.clean_acc, float("nan")),
+                        "ASR": _fmt(r.asr, float("nan")),
+                        "ΔCA": _fmt(r.clean_acc - r.attack_clean_acc, float("nan"))
+                        if pd.notna(r.attack_clean_acc) else "–"})
+            rec.update({p: _param_text(r[f"defense.{p}"]) for p in params})
+            rec["trial_id"] = r.trial_id
+        out.append(rec)
+    return pd.DataFrame(out).fillna("–")
+
+
+def _param_text(v) -> str:
+    if isinstance(v, float) and not pd.isna(v) and not v.is_integer():
+        return f"{v:.4g}"
+    return _value(v)
+
+
+def _objective_text(rows: pd.DataFrame, name: str, search=None) -> str:
+    mode = rows.search_mode.dropna().iloc[0] if rows.search_mode.notna().any() else "min"
+    if search is not None and search.label == name:
+        from sweep.search import describe
+
+        return describe(search)
+    return f"search {name}: {rows.defense.iloc[0]}, objective to {'minimise' if mode == 'min' else 'maximise'}"
+
+
+def search_summary(df: pd.DataFrame, search=None) -> list[str]:
+    """Markdown per search: what it optimised, and the best configuration per attack variant and seed."""
+    out = []
+    for name in search_names(df):
+        rows = df[df.search == name]
+        space = search.space if search is not None and search.label == name else None
+        t = search_table(df, name, space)
+        head = (f"{_objective_text(rows, name, search)}. Best finished trial per attack and seed "
+                "(CA, ASR, ΔCA in %; trials: ok / stopped early / failed):")
+        out.append(head + "\n\n" + _frame_markdown(t))
+    return out
+
+
+def _frame_markdown(t: pd.DataFrame) -> str:
+    if t.empty:
+        return "(no trials)"
+    lines = ["| " + " | ".join(map(str, t.columns)) + " |", "|" + "---|" * len(t.columns)]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in t.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def searches_as_variants(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with every search's trials as one defense variant ``<defense> (<search>)`` (for the trade-off
+    plot: one colour per search, every trial a point)."""
+    searched = _is_searched(df)
+    if not searched.any():
+        return df
+    rows = df[searched].copy()
+    rows["defense"] = rows.defense + " (" + rows.search.astype(str) + ")"
+    rows[[c for c in rows.columns if c.startswith("defense.")]] = pd.NA
+    return pd.concat([df[~searched], rows])

@@ -31,7 +31,7 @@ BASE_COLUMNS = {
     "robust_acc": pa.float64(), "attack_clean_acc": pa.float64(), "attack_asr": pa.float64(),
     "attack_robust_acc": pa.float64(), "attack_seconds": pa.float64(), "defense_seconds": pa.float64(),
     "attack_cached": pa.bool_(), "started_at": pa.string(), "finished_at": pa.string(), "host": pa.string(),
-    "device": pa.string(),
+    "device": pa.string(), "clean_from": pa.string(), "checkpoint": pa.string(),
 }
 
 
@@ -155,14 +155,19 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=schema)
 
 
-def compact(results_dir: str | Path) -> None:
-    """Merge all part files into one, one row per trial (the latest), atomically replacing the parts."""
+def compact(results_dir: str | Path, edit=None) -> None:
+    """Merge all part files into one, one row per trial (the latest), atomically replacing the parts.
+    ``edit(df)`` may change the rows' values first (a search's ranks), in the same rewrite."""
     results_dir = Path(results_dir)
     parts = _parts(results_dir)
-    if len(parts) <= 1:
+    if len(parts) <= 1 and edit is None:
         return
     table = _read_all(results_dir)
+    if table is None:
+        return
     df = _dedupe(table.to_pandas())
+    if edit is not None:
+        df = edit(df)
     out = results_dir / "trials" / f"part-{uuid.uuid4().hex[:8]}-compact.parquet"
     tmp = out.with_name("." + out.name + ".tmp")
     pq.write_table(pa.Table.from_pandas(df, schema=table.schema, preserve_index=False), tmp)

@@ -7,17 +7,25 @@ are off: the rows are the record, and those loggers cost time and driver memory 
 
 Re-running a spec runs only the trials whose ``trial_id`` is not yet in the results; ``resume`` re-runs
 the spec saved in the results directory, which finishes a sweep whose driver died.
+
+A spec with a ``search:`` section runs its grid first, then the search (sweep/search.py) on each of its
+backdoored models in turn: one Tune run each, Tune's searcher behind :class:`SearchFeed`, ASHA when asked.
 """
 from __future__ import annotations
 
+import heapq
 import json
 import logging
+import math
 import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
+from typing import Iterable, Optional
 
 # Before Ray is imported (workers inherit these at ray.init): no per-trial CSV/JSON/TensorBoard loggers,
 # the old (silent at verbose=0) console reporter, and no chdir of trials into their Tune folders.
@@ -30,8 +38,9 @@ import yaml  # noqa: E402
 from ray.tune import Callback  # noqa: E402
 from ray.tune.search import Searcher  # noqa: E402
 
+from sweep import search as search_mod  # noqa: E402
 from sweep.results import ResultsWriter, finished_trials, load, schema_for  # noqa: E402
-from sweep.spec import SpecError, SweepSpec, Trial, expand  # noqa: E402
+from sweep.spec import SearchSpec, SpecError, SweepSpec, Trial, expand  # noqa: E402
 from sweep.tracking import BackgroundTracker, default_uri  # noqa: E402
 
 
@@ -46,7 +55,8 @@ class Summary:
 
 def _trainable(config, *, ctx: dict):
     """One trial inside a Ray worker. ``ctx`` (one object, fetched once per trial): store_root, data_root,
-    download, threads, and body (what runs the trial, default sweep.trial.execute)."""
+    download, threads, body (what runs the trial, default sweep.trial.execute), and search (None, or the
+    search's spec as a dict: the trial reports its defense's running objective, and its row is marked)."""
     import ray
     import torch
     from ray import tune
@@ -58,53 +68,128 @@ def _trainable(config, *, ctx: dict):
         torch.set_num_threads(ctx["threads"])
     use_gpu = torch.cuda.is_available() and bool(ray.get_gpu_ids())
     trial = Trial.from_dict(json.loads(config["trial"]))
-    out = (ctx["body"] or execute)(trial, Store(ctx["store_root"], ctx["store_lock"]), root=ctx["data_root"],
-                                   download=ctx["download"],
-                                   device=torch.device("cuda" if use_gpu else "cpu"))
+    store = Store(ctx["store_root"], ctx["store_lock"])
+
+    def run():
+        return (ctx["body"] or execute)(trial, store, root=ctx["data_root"], download=ctx["download"],
+                                        device=torch.device("cuda" if use_gpu else "cpu"))
+
+    extra = {}
+    if ctx.get("search"):
+        search = SearchSpec.model_validate(ctx["search"])
+        with search_mod.reporting(search.objective.model_dump(), trial, store):
+            out = run()
+        search_mod.mark(out.row, search)
+        value = out.row["search_objective"]
+        extra["objective"] = float("nan") if value is None else value  # Tune's metric: in every result
+    else:
+        out = run()
     arts = {k: v.detach().float().cpu().numpy() for k, v in out.artifacts.items()}
-    tune.report({"row_json": json.dumps(out.row), "curves_json": json.dumps(out.curves), "artifacts": arts})
+    tune.report({"row_json": json.dumps(out.row), "curves_json": json.dumps(out.curves), "artifacts": arts, **extra})
 
 
 def run_sweep(spec: SweepSpec, results_dir: str | Path, *, address: str | None = None,
               mlflow_uri: str | None = None, storage: str | None = None, retry_failed: bool = False,
               max_concurrent: int | None = None, progress: bool = True, body=None) -> Summary:
-    """Run every trial of ``spec`` not yet in ``results_dir``. The spec is fully validated first.
+    """Run every trial of ``spec`` not yet in ``results_dir``, then what its search has left of its budget.
+    The spec is fully validated first.
 
     ``body`` replaces :func:`sweep.trial.execute` as what a trial does (same signature, a picklable
     module-level function): benchmarks/sweep_overhead.py uses it to time the engine around a trivial body.
     """
     t_start = time.monotonic()
     trials = expand(spec)  # raises SpecError before anything is written
+    groups = search_mod.groups(spec)
     results_dir = Path(results_dir).resolve()
     store_root = storage or str(results_dir / "store")
     done = finished_trials(results_dir, include_failed=not retry_failed)
     todo = [t for t in trials if t.trial_id not in done]
-    if todo and body is None:
-        _prepare_data(spec, todo[0], results_dir, store_root)
+    budgets = {}
+    if groups:
+        rows = search_mod.results_frame(results_dir)
+        for g in groups:
+            budgets[g.key] = max(0, spec.search.num_samples - search_mod.history(rows, g, retry_failed).used)
+        del rows
+    n_search = sum(budgets.values())
+    if (todo or n_search) and body is None:
+        _prepare_data(spec, (todo or [g.base for g in groups if budgets[g.key]])[0], results_dir, store_root)
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
 
     tracker = BackgroundTracker(mlflow_uri or default_uri(results_dir), spec.name, results_dir, spec.model_dump(mode="json"))
     if done:
         tracker.backfill(load(results_dir).to_dict("records"))
-    writer = ResultsWriter(results_dir, schema_for(trials, results_dir))
+    schema = schema_for(trials + search_mod.type_probes(spec, groups), results_dir)
+    if groups:
+        schema = _with_search_columns(schema)
+    writer = ResultsWriter(results_dir, schema)
     n_trials, n_todo = len(trials), len(todo)
-    del trials  # from here on each trial is held once: in ``todo`` until Tune takes it, then by Tune
-    sink = _Sink(writer, tracker, total=n_todo, show=progress)
-    status = "FINISHED"
+    n_spec = n_trials + len(groups) * (spec.search.num_samples if groups else 0)
+    queued = [(t.model_key, t.defense.name) for t in todo]
+    queued += [(g.key, g.search.defense_name) for g in groups for _ in range(budgets[g.key])]
+    cap = max_concurrent or spec.max_concurrent
+    eta = EtaEstimator(queued, have_models=_models_in_store(store_root, {k for k, _ in queued}),
+                       training_time=_training_time_defenses({d for _, d in queued}), slots=cap)
+    del trials, queued  # from here on each trial is held once: in ``todo`` until Tune takes it, then by Tune
+    sink = _Sink(writer, tracker, total=n_todo + n_search, show=progress, eta=eta, search=spec.search)
+    status, ran_search = "FINISHED", 0
     try:
-        if not todo:
+        if not todo and not n_search:
             tracker.wait_ready()
-        else:
-            _tune(spec, todo, results_dir, sink, address=address, store_root=store_root,
-                  max_concurrent=max_concurrent or spec.max_concurrent, body=body)
+        if todo:
+            _tune(spec, todo, results_dir, sink, address=address, store_root=store_root, max_concurrent=cap, body=body)
+        for g in groups:
+            ran_search += _search(spec, g, results_dir, sink, address=address, store_root=store_root,
+                                  max_concurrent=_search_concurrency(spec.search, spec.max_concurrent, max_concurrent),
+                                  retry_failed=retry_failed, body=body)
     except BaseException:
         status = "KILLED"
         raise
     finally:
         sink.finish()
         tracker.close(status)
-    return Summary(n_trials, n_trials - n_todo, n_todo, sink.failed, time.monotonic() - t_start)
+    if groups:
+        search_mod.write_ranks(results_dir)
+    ran = n_todo + ran_search
+    return Summary(n_spec, n_spec - ran, ran, sink.failed, time.monotonic() - t_start)
+
+
+def _with_search_columns(schema):
+    import pyarrow as pa
+
+    extra = {"search": pa.string(), "search_objective": pa.float64(), "search_mode": pa.string(),
+             "search_rank": pa.int64()}
+    for name, typ in extra.items():
+        if name not in schema.names:
+            schema = schema.append(pa.field(name, typ))
+    return schema
+
+
+def _search_concurrency(search: SearchSpec, spec_cap: int | None, cli_cap: int | None) -> int:
+    """The search's own max_concurrent, else the sweep's, else 4 (a model-based searcher learns nothing from
+    trials it suggested all at once); ``--max-concurrent`` caps it."""
+    n = search.max_concurrent or spec_cap or 4
+    return min(n, cli_cap) if cli_cap else n
+
+
+def _models_in_store(store_root: str, keys: set[str]) -> set[str]:
+    """The backdoored models already built (a progress estimate's input: best effort)."""
+    import pyarrow.fs as pafs
+
+    from sweep.store import Store
+
+    try:  # one listing (one request on an object store), not a look-up per model
+        store = Store(store_root)
+        infos = store.fs.get_file_info(pafs.FileSelector(f"{store.root}/models", allow_not_found=True))
+        return keys & {Path(i.path).name[:-5] for i in infos if i.path.endswith(".json")}
+    except Exception:  # noqa: BLE001 - an unreachable store is found by the trials, not here
+        return set()
+
+
+def _training_time_defenses(names: set[str]) -> set[str]:
+    from defenses import DEFENSES
+
+    return {n for n in names if n in DEFENSES and not DEFENSES.get(n).needs_backdoored_model}
 
 
 def _prepare_data(spec: SweepSpec, trial: Trial, results_dir: Path, store_root: str) -> None:
@@ -125,10 +210,8 @@ def _prepare_data(spec: SweepSpec, trial: Trial, results_dir: Path, store_root: 
         trial_mod._DATA_MEMO.clear()  # the driver does not train: free the tensors
 
 
-def _tune(spec: SweepSpec, todo: list[Trial], results_dir: Path, sink, *, address, store_root, max_concurrent,
-          body=None):
+def _init_ray(address):
     import ray
-    from ray import tune
 
     logging.getLogger("ray.tune").setLevel(logging.CRITICAL)  # failures are rows, not tracebacks on stderr
     if not ray.is_initialized():
@@ -140,20 +223,54 @@ def _tune(spec: SweepSpec, todo: list[Trial], results_dir: Path, sink, *, addres
             ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
         else:
             ray.init(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+
+
+def _with_resources(spec: SweepSpec, store_root: str, body, search: dict | None = None):
+    from ray import tune
+
     res = spec.resources
-    trainable = tune.with_resources(
+    return tune.with_resources(
         tune.with_parameters(_trainable, ctx={"store_root": store_root, "data_root": spec.dataset.root,
                                               "download": spec.dataset.download,
                                               "threads": max(1, int(res.cpu)), "body": body,
-                                              "store_lock": os.environ.get("BDSWEEP_STORE_LOCK", "auto")}),
+                                              "store_lock": os.environ.get("BDSWEEP_STORE_LOCK", "auto"),
+                                              "search": search}),
         {"cpu": res.cpu, "gpu": res.gpu})
+
+
+def _run_config(spec: SweepSpec, results_dir: Path, sink):
+    from ray import tune
+
+    return tune.RunConfig(
+        name=spec.name, storage_path=str(results_dir / "ray"), callbacks=[sink, _quiet_console()],
+        verbose=0,
+        failure_config=tune.FailureConfig(max_failures=3),  # retried on a lost node / dead worker
+        checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
+    )
+
+
+def _drop_empty_trial_dirs(tune_dir: Path) -> None:
+    # Tune makes a folder per trial; ours stay empty (rows go to Parquet, no checkpoints): drop them.
+    for d in tune_dir.iterdir() if tune_dir.is_dir() else ():
+        if d.is_dir():
+            try:
+                d.rmdir()
+            except OSError:  # not empty: something in it is worth keeping
+                pass
+
+
+def _tune(spec: SweepSpec, todo: list[Trial], results_dir: Path, sink, *, address, store_root, max_concurrent,
+          body=None):
+    from ray import tune
+
+    _init_ray(address)
+    trainable = _with_resources(spec, store_root, body)
     sink.tracker.wait_ready()  # a bad tracking URI fails here, after Ray has started beside it
     # Tune keeps every trial it has run until fit() returns, and its scheduler scans them all at every
     # step: memory and time per trial would grow with the sweep. So a long sweep runs as consecutive
     # Tune runs of at most ``chunk`` trials each (the cost: a new pair of actors and a short tail with
     # free slots between chunks, a few seconds each).
     chunk = int(os.environ.get("BDSWEEP_TUNE_CHUNK", 2000))
-    tune_dir = results_dir / "ray" / spec.name
     while todo:
         part = todo[:chunk]  # in spec order (models interleaved: see expand)
         del todo[:chunk]  # held once: by ``todo`` until a chunk takes it, then by that chunk's feed
@@ -162,22 +279,166 @@ def _tune(spec: SweepSpec, todo: list[Trial], results_dir: Path, sink, *, addres
             tune_config=tune.TuneConfig(search_alg=_Feed(part), num_samples=len(part),
                                         max_concurrent_trials=max_concurrent, reuse_actors=True,
                                         trial_dirname_creator=lambda t: t.trial_id),
-            run_config=tune.RunConfig(
-                name=spec.name, storage_path=str(results_dir / "ray"), callbacks=[sink, _quiet_console()],
-                verbose=0,
-                failure_config=tune.FailureConfig(max_failures=3),  # retried on a lost node / dead worker
-                checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
-            ),
+            run_config=_run_config(spec, results_dir, sink),
         )
         tuner.fit()
         del tuner
-        # Tune makes a folder per trial; ours stay empty (rows go to Parquet, no checkpoints): drop them.
-        for d in tune_dir.iterdir() if tune_dir.is_dir() else ():
-            if d.is_dir():
-                try:
-                    d.rmdir()
-                except OSError:  # not empty: something in it is worth keeping
-                    pass
+        _drop_empty_trial_dirs(results_dir / "ray" / spec.name)
+
+
+def _search(spec: SweepSpec, group, results_dir: Path, sink, *, address, store_root, max_concurrent,
+            retry_failed: bool, body=None) -> int:
+    """Run what is left of one group's search budget (its finished trials told to the searcher first);
+    returns the number of trials run."""
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+
+    sink.writer.flush()  # the grid's and earlier groups' rows: what this group's history is read from
+    hist = search_mod.history(search_mod.results_frame(results_dir), group, retry_failed)
+    left = spec.search.num_samples - hist.used
+    if left <= 0:
+        return 0
+    _init_ray(address)
+    sink.tracker.wait_ready()
+    feed = SearchFeed(group, make_searcher(spec.search, hist.points), hist.known, left)
+    tuner = tune.Tuner(
+        _with_resources(spec, store_root, body, search=spec.search.model_dump(mode="json")),
+        tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(feed, max_concurrent=max_concurrent),
+                                    scheduler=search_mod.scheduler(spec.search), num_samples=left,
+                                    reuse_actors=True, trial_dirname_creator=lambda t: t.trial_id),
+        run_config=_run_config(spec, results_dir, sink),
+    )
+    tuner.fit()
+    del tuner
+    _drop_empty_trial_dirs(results_dir / "ray" / spec.name)
+    sink.drop_queued(group.key, group.search.defense_name, left - feed.given)  # a space exhausted early
+    return feed.given
+
+
+def tune_space(search: SearchSpec) -> dict:
+    """The search space as Tune's domains (``int`` bounds both included)."""
+    from ray import tune
+
+    out = {}
+    for p, d in search.space.items():
+        kind = d.kind
+        if kind == "choice":
+            out[p] = tune.choice(list(d.choice))
+        elif kind == "int":
+            out[p] = tune.randint(d.bounds[0], d.bounds[1] + 1)  # Tune's upper bound is exclusive
+        elif kind == "loguniform":
+            out[p] = tune.loguniform(*d.bounds)
+        else:
+            out[p] = tune.uniform(*d.bounds)
+    return out
+
+
+def make_searcher(search: SearchSpec, points: list[tuple[Optional[dict], Optional[float]]]) -> Searcher:
+    """Tune's searcher for ``search``, told the (configuration, objective) pairs already evaluated (objective
+    None: the trial failed). Seeded by the search's seed plus the number of points, so that a resumed search
+    does not replay the random start of the first run."""
+    mode, space = search.objective.mode, tune_space(search)
+    points = [(c, v) for c, v in points if c is not None]
+    seed = search.seed + len(points)
+    if search.searcher == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per study on the progress line
+
+        inner = OptunaSearch(OptunaSearch.convert_search_space(space), metric="objective", mode=mode, seed=seed)
+        for cfg, value in points:
+            inner.add_evaluated_point(cfg, 0.0 if value is None else value, error=value is None)
+        return inner
+    if search.searcher == "hyperopt":
+        from ray.tune.search.hyperopt import HyperOptSearch
+
+        inner = HyperOptSearch(HyperOptSearch.convert_search_space(space), metric="objective", mode=mode,
+                               points_to_evaluate=[dict(c) for c, _ in points] or None, random_state_seed=seed,
+                               n_initial_points=min(20, max(1, search.num_samples // 4)))
+        for i, (_, value) in enumerate(points):  # HyperOpt has no add_evaluated_point: the points replayed
+            inner.suggest(f"replay-{i}")
+            inner.on_trial_complete(f"replay-{i}", None if value is None else {"objective": value}, error=value is None)
+        return inner
+    return RandomSearch(space, mode, seed)
+
+
+class RandomSearch(Searcher):
+    """Independent draws from Tune's domains of the space, seeded (``searcher: random``)."""
+
+    def __init__(self, space: dict, mode: str, seed: int):
+        import numpy as np
+
+        super().__init__(metric="objective", mode=mode)
+        self.space, self.rng = space, np.random.RandomState(seed)
+
+    def suggest(self, trial_id):
+        return {p: d.sample(random_state=self.rng) for p, d in self.space.items()}
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        pass
+
+
+class SearchFeed(Searcher):
+    """Tune's searcher for one group of a search: asks ``inner`` (a Tune searcher over the space) for
+    configurations and hands Tune each as the trial it resolves to (``{"trial": <json>, "search": <name>}``),
+    at most ``budget`` of them.
+
+    A configuration whose trial is already in the results (``known``: trial id -> objective) is not run
+    again: its objective is told to ``inner`` and ``inner`` asked again; so is one that resolves to a trial
+    in flight (told as an error), or that the defense's Params refuse. After ``max_retries`` such answers in
+    a row the space is taken as exhausted and the group ends. ``on_trial_result`` passes the running
+    objective on (Optuna records it as the trial's intermediate values)."""
+
+    def __init__(self, group, inner: Searcher, known: dict, budget: int, max_retries: int = 100):
+        super().__init__(metric="objective", mode=group.search.objective.mode)
+        self.group, self.inner, self.known = group, inner, dict(known)
+        self.budget, self.max_retries = budget, max_retries
+        self.given = self.skipped = 0
+        self.live: dict[str, tuple[str, str]] = {}  # Tune's trial id -> (inner's trial id, our trial id)
+
+    def suggest(self, trial_id):
+        if self.given >= self.budget:
+            return Searcher.FINISHED
+        in_flight = {tid for _, tid in self.live.values()}
+        for attempt in range(self.max_retries):
+            iid = f"{trial_id}~{attempt}"
+            cfg = self.inner.suggest(iid)
+            if cfg is None or cfg == Searcher.FINISHED:
+                return cfg
+            try:
+                trial = self.group.trial(cfg)
+            except ValueError:
+                self.inner.on_trial_complete(iid, None, error=True)
+                continue
+            tid = trial.trial_id
+            if tid in self.known or tid in in_flight:
+                value = self.known.get(tid)
+                self.inner.on_trial_complete(iid, None if value is None else {"objective": value}, error=value is None)
+                self.skipped += 1
+                continue
+            self.live[trial_id] = (iid, tid)
+            self.given += 1
+            return {"trial": json.dumps(trial.as_dict()), "search": self.group.search.label}
+        return Searcher.FINISHED
+
+    def on_trial_result(self, trial_id, result):
+        if trial_id in self.live and _finite(result.get("objective")):
+            self.inner.on_trial_result(self.live[trial_id][0], result)
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        if trial_id not in self.live:
+            return
+        iid, tid = self.live.pop(trial_id)
+        value = (result or {}).get("objective")
+        value = float(value) if _finite(value) and not error else None
+        self.known[tid] = value
+        self.inner.on_trial_complete(iid, None if value is None else {**result, "objective": value},
+                                     error=value is None)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _quiet_console():
@@ -223,48 +484,87 @@ class _Feed(Searcher):
 
 
 class _Sink(Callback):
-    """Tune callback on the driver: the single writer of Parquet (first) and MLflow (after)."""
+    """Tune callback on the driver: the single writer of Parquet (first) and MLflow (after), and the
+    progress line (its ETA from :class:`EtaEstimator`)."""
 
-    def __init__(self, writer: ResultsWriter, tracker: BackgroundTracker, total: int, show: bool):
+    def __init__(self, writer: ResultsWriter, tracker: BackgroundTracker, total: int, show: bool,
+                 eta: "EtaEstimator | None" = None, search: Optional[SearchSpec] = None):
         super().__init__()
-        self.writer, self.tracker, self.total, self.show = writer, tracker, total, show
+        self.writer, self.tracker, self.total, self.show, self.search = writer, tracker, total, show, search
+        self.eta = eta or EtaEstimator([])
         self.pending: dict[str, tuple] = {}  # trial_id -> (row, curves, artifacts) until the row is on disk
-        self.finished = self.failed = 0
+        self.finished = self.failed = self.stopped = 0
         self.running: set[str] = set()
+        self.steps: dict[str, list] = {}  # searched trials in flight: their reported per-round records
+        self.recorded: set[str] = set()  # Tune trials in flight whose row is recorded
         self.t0, self.last_print = time.monotonic(), 0.0
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         # Popped, not read: Tune keeps every trial's last result until the sweep ends, and rows, curves
         # and trigger images held 10,000 times over would make driver memory grow with the trial count.
         # (Tune lets callbacks modify the result in place.)
+        if "step_json" in result:  # a searched trial's running objective (sweep.search.reporting)
+            self.steps.setdefault(getattr(trial, "trial_id", None), []).append(json.loads(result.pop("step_json")))
+            return
         row = json.loads(result.pop("row_json"))
-        self._record(row, json.loads(result.pop("curves_json", None) or "{}"), result.pop("artifacts", None) or {})
+        tid = getattr(trial, "trial_id", None)
+        self.recorded.add(tid)
+        self.steps.pop(tid, None)
+        self._record(row, json.loads(result.pop("curves_json", None) or "{}"), result.pop("artifacts", None) or {},
+                     tid)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.running.add(trial.trial_id)
+        try:
+            t = json.loads(trial.config["trial"])
+            self.eta.start(trial.trial_id, t["model_key"], t["defense"]["name"], time.monotonic())
+        except (KeyError, TypeError, ValueError):
+            pass
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.running.discard(trial.trial_id)
+        if trial.trial_id in self.recorded:
+            self.recorded.discard(trial.trial_id)
+            return
+        if "search" in (trial.config or {}) and self.search is not None:
+            # stopped by the scheduler: no row came from the worker; the driver writes it
+            t = Trial.from_dict(json.loads(trial.config["trial"]))
+            records = self.steps.pop(trial.trial_id, [])
+            row = search_mod.stopped_row(t, self.search, records, dict(trial.last_result or {}))
+            self._record(row, {"defense": [r["record"] for r in records]} if records else {}, {}, trial.trial_id)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         self.running.discard(trial.trial_id)
+        self.steps.pop(trial.trial_id, None)  # it starts over
+        self.eta.abandon(trial.trial_id)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         # The worker died (not the trial's code, whose exceptions are rows): record it and go on.
         self.running.discard(trial.trial_id)
+        self.steps.pop(trial.trial_id, None)
         t = Trial.from_dict(json.loads(trial.config["trial"]))
         from sweep.trial import base_row
 
         row = base_row(t)
         row.update(status="failed", error=f"worker error: {getattr(trial, 'error_msg', None) or 'unknown'}")
-        self._record(row, {}, {})
+        if "search" in trial.config and self.search is not None:
+            row.update(search=self.search.label, search_mode=self.search.objective.mode)
+        self._record(row, {}, {}, trial.trial_id)
 
     def on_step_end(self, iteration, trials, **info):
         self._progress()  # counts kept by the hooks above: scanning ``trials`` every step is quadratic
 
-    def _record(self, row, curves, artifacts):
+    def drop_queued(self, model_key: str, defense: str, n: int) -> None:
+        """Trials counted in the total that will not run (a search whose space ran out of new trials)."""
+        if n > 0:
+            self.total -= n
+            self.eta.drop(model_key, defense, n)
+
+    def _record(self, row, curves, artifacts, tune_id=None):
         self.finished += 1
-        self.failed += row["status"] != "ok"
+        self.failed += row["status"] == "failed"
+        self.stopped += row["status"] == "stopped"
+        self.eta.finish(tune_id if tune_id is not None else row["trial_id"], row, time.monotonic())
         self.pending[row["trial_id"]] = (row, curves, artifacts)
         if self.writer.add(row):
             self._log_flushed()
@@ -281,9 +581,10 @@ class _Sink(Callback):
             return
         self.last_print = now
         el = now - self.t0
-        eta = f"{el / self.finished * (self.total - self.finished):,.0f}s" if self.finished else "?"
-        line = (f"[sweep] {self.finished}/{self.total} done, {len(self.running)} running, {self.failed} failed, "
-                f"elapsed {el:,.0f}s, eta {eta}")
+        eta = self.eta.eta(now)
+        stopped = f", {self.stopped} stopped early" if self.stopped else ""
+        line = (f"[sweep] {self.finished}/{self.total} done, {len(self.running)} running, {self.failed} failed"
+                f"{stopped}, elapsed {format_seconds(el)}, eta {'?' if eta is None else format_seconds(eta)}")
         print(("\r" + line) if sys.stderr.isatty() else line, end="" if sys.stderr.isatty() else "\n",
               file=sys.stderr, flush=True)
 
@@ -293,3 +594,198 @@ class _Sink(Callback):
         self._progress(force=True)
         if self.show and sys.stderr.isatty():
             print(file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------------
+# The progress line's ETA
+
+
+def format_seconds(s: float) -> str:
+    """45s, 12m05s, 3h07m, 2d04h: a day-long sweep's times at a glance."""
+    s = max(0, int(round(s)))
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 172800:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _mean(xs) -> Optional[float]:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else None
+
+
+def _iso_seconds(a, b) -> Optional[float]:
+    try:
+        return (datetime.fromisoformat(b) - datetime.fromisoformat(a)).total_seconds()
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass
+class EtaEstimator:
+    """How long the rest of a sweep will take, estimated per kind of trial. Pure: fed the queue, then
+    trial starts and finished rows with the time (monotonic seconds) they happened at.
+
+    A trial costs its defense's time (the mean ``defense_seconds`` of finished rows of that defense),
+    plus the engine's overhead around it (data, evaluation: a row's wall time less its defense and any
+    model it built), plus, when it is the first trial to need a backdoored model that is neither in the
+    store nor built earlier in this run (trials sharing a ``model_key`` build it once), the model's build
+    time (the mean ``attack_seconds`` over the models seen). A training-time defense (ABL: no backdoored
+    model) never builds one; its defense time is its whole training. Fallbacks, for kinds with no finished
+    trial yet: a defense never seen takes the mean of its kind (training-time or post-training), then of
+    all defenses (``none``'s rows, which cost nothing, left out), and never less than its longest-running
+    trial has run so far; a training-time defense with none of its kind finished takes a model build's time (it
+    trains a model too); a build with no model seen takes the mean training-time defense. With no figure at
+    all, the ETA is unknown (None).
+
+    Running trials count by what they have left (their estimate less the time they have run, never below
+    zero); the queue is then laid, builders first, on the free slots in turn (the number of slots: the
+    most trials seen running at once, at most ``slots`` when given): the ETA is when the last slot frees.
+    So while the last long trials run, the ETA falls with their time, instead of growing with the mean
+    of the short trials that finished before them.
+    """
+
+    queued: Iterable[tuple[str, str]]  # (model_key, defense name) of every trial still to run
+    have_models: Iterable[str] = ()  # model keys in the store already
+    training_time: Iterable[str] = ()  # defense names that build no backdoored model
+    slots: Optional[int] = None  # max_concurrent, when set
+    peak: int = 0
+    running: dict = field(default_factory=dict)  # id -> (start, model_key, defense, builds)
+    defense_secs: dict = field(default_factory=dict)  # name -> [seconds]
+    build_secs: dict = field(default_factory=dict)  # model_key -> seconds
+    overheads: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.queued = Counter(self.queued)
+        self.have_models, self.training_time = set(self.have_models), set(self.training_time)
+        self.claimed: set[str] = set()  # models a running trial builds
+
+    # events ---------------------------------------------------------------------------------------
+    def _builds(self, model_key: str, defense: str) -> bool:
+        return (defense not in self.training_time and model_key not in self.have_models
+                and model_key not in self.claimed)
+
+    def start(self, tid: str, model_key: str, defense: str, now: float) -> None:
+        if self.queued[(model_key, defense)] > 0:
+            self.queued[(model_key, defense)] -= 1
+        builds = self._builds(model_key, defense)
+        if builds:
+            self.claimed.add(model_key)
+        self.running[tid] = (now, model_key, defense, builds)
+        self.peak = max(self.peak, len(self.running))
+
+    def abandon(self, tid: str) -> None:
+        """A trial that will start again (Tune retries it): back to the queue."""
+        info = self.running.pop(tid, None)
+        if info is not None:
+            self.queued[(info[1], info[2])] += 1
+            if info[3]:
+                self.claimed.discard(info[1])
+
+    def drop(self, model_key: str, defense: str, n: int) -> None:
+        self.queued[(model_key, defense)] = max(0, self.queued[(model_key, defense)] - n)
+
+    def finish(self, tid: str, row: dict, now: float) -> None:
+        info = self.running.pop(tid, None)
+        key, defense = row.get("model_key"), row.get("defense")
+        if info is None and self.queued[(key, defense)] > 0:  # ended without a start we saw
+            self.queued[(key, defense)] -= 1
+        if info is not None and info[3]:
+            self.claimed.discard(info[1])
+        if row.get("attack_cached") is not None or (info is not None and info[3] and row.get("status") == "ok"):
+            self.have_models.add(key)  # the model exists now
+        if row.get("status") != "ok":
+            return  # a failed or stopped trial's times say little about a whole one's
+        ds, bs = row.get("defense_seconds"), row.get("attack_seconds")
+        if _finite(ds):
+            self.defense_secs.setdefault(defense, []).append(float(ds))
+        if _finite(bs) and key is not None:
+            self.build_secs[key] = float(bs)
+        wall = _iso_seconds(row.get("started_at"), row.get("finished_at"))
+        if wall is not None and _finite(ds):
+            built = float(bs) if _finite(bs) and row.get("attack_cached") is False else 0.0
+            self.overheads.append(max(0.0, wall - float(ds) - built))
+
+    # estimates ------------------------------------------------------------------------------------
+    def defense_time(self, defense: str, now: Optional[float] = None) -> Optional[float]:
+        own = _mean(self.defense_secs.get(defense, ()))
+        if own is not None:
+            return own
+        # No trial of this defense has finished: the kind's mean, never from ``none``'s rows (a defense
+        # that does nothing says nothing of what one costs), and, for a queued trial (``now`` given), never
+        # less than the longest-running trial of this defense has run so far.
+        running = max((now - st for st, _, d, _ in self.running.values() if d == defense), default=0.0) \
+            if now is not None else 0.0
+        tt = defense in self.training_time
+        seen = {d: xs for d, xs in self.defense_secs.items() if d != "none"}
+        est = _mean(x for d, xs in seen.items() if (d in self.training_time) == tt for x in xs)
+        if est is None and tt:
+            est = _mean(self.build_secs.values())
+        if est is None:
+            est = _mean(x for xs in seen.values() for x in xs)
+        if est is None:
+            return running or (0.0 if defense == "none" else None)
+        return max(est, running)
+
+    def build_time(self) -> Optional[float]:
+        b = _mean(self.build_secs.values())
+        if b is not None:
+            return b
+        return _mean(x for d, xs in self.defense_secs.items() if d in self.training_time for x in xs)
+
+    def trial_time(self, defense: str, builds: bool, now: Optional[float] = None) -> Optional[float]:
+        d = self.defense_time(defense, now)
+        if d is None:
+            return None
+        t = d + (_mean(self.overheads) or 0.0)
+        if builds:
+            b = self.build_time()
+            if b is None:
+                return None
+            t += b
+        return t
+
+    def eta(self, now: float) -> Optional[float]:
+        """Seconds until the last queued or running trial is expected to end; None when unknown."""
+        loads = []
+        for start, _, defense, builds in self.running.values():
+            # what it has left: by finished trials, else (an unseen defense) at least what it has run
+            t = self.trial_time(defense, builds)
+            if t is None:
+                t = self.trial_time(defense, builds, now)
+            if t is None:
+                return None
+            loads.append(max(0.0, t - (now - start)))
+        first, rest = [], []
+        claimed = set(self.claimed)
+        for (key, defense), n in self.queued.items():
+            if n <= 0:
+                continue
+            builds = defense not in self.training_time and key not in self.have_models and key not in claimed
+            if builds:
+                claimed.add(key)
+                t = self.trial_time(defense, True, now)
+                if t is None:
+                    return None
+                first.append(t)
+                n -= 1
+            if n:
+                t = self.trial_time(defense, False, now)
+                if t is None:
+                    return None
+                rest.append((t, n))
+        slots = max(self.peak, 1)
+        if self.slots:
+            slots = min(slots, self.slots)
+        slots = max(slots, len(loads))
+        heap = loads + [0.0] * (slots - len(loads))
+        heapq.heapify(heap)
+        for t in first:
+            heapq.heappush(heap, heapq.heappop(heap) + t)
+        for t, n in rest:
+            for _ in range(n):
+                heapq.heappush(heap, heapq.heappop(heap) + t)
+        return max(heap) if heap else 0.0

@@ -25,8 +25,9 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # one "
 ROLE = "bdsweep.role"
 PARAM_PREFIXES = ("attack.", "defense.")
 METRICS = ("clean_acc", "asr", "robust_acc", "attack_clean_acc", "attack_asr", "attack_robust_acc",
-           "attack_seconds", "defense_seconds")
-TAGS = ("trial_id", "model_key", "attack", "defense", "dataset", "model", "seed", "status", "host", "device")
+           "attack_seconds", "defense_seconds", "search_objective")
+TAGS = ("trial_id", "model_key", "attack", "defense", "dataset", "model", "seed", "status", "host", "device",
+        "search")
 
 
 def _sqlite_wal(conn, _record):
@@ -88,7 +89,7 @@ class Tracker:
         while True:
             page = self.client.search_runs([self.exp_id], f"tags.`{ROLE}` = 'trial'", max_results=5000, page_token=token)
             for r in page:
-                if r.info.status in ("FINISHED", "FAILED"):
+                if r.info.status in ("FINISHED", "FAILED", "KILLED"):  # KILLED: stopped early by a search
                     done.add(r.data.tags.get("trial_id"))
                 else:  # a crash while logging it: start that run over
                     self.client.delete_run(r.info.run_id)
@@ -141,7 +142,7 @@ class Tracker:
                             if k not in ("epoch", "step") and _finite(v)]
         return _Run(name=f"{row['attack']}/{row['defense']}/seed{row['seed']}/{row['trial_id'][:6]}",
                     tags=tags, params=params, metrics=metrics,
-                    status="FINISHED" if row["status"] == "ok" else "FAILED",
+                    status={"ok": "FINISHED", "stopped": "KILLED"}.get(row["status"], "FAILED"),
                     start_ms=now - int(1000 * seconds), end_ms=now)
 
     def _log_with_client(self, run: "_Run") -> str:
@@ -175,7 +176,7 @@ class _Run:
     tags: dict[str, str]
     params: dict[str, str]
     metrics: list[tuple[str, float, int]]  # (key, value, step)
-    status: str  # FINISHED or FAILED
+    status: str  # FINISHED, FAILED or KILLED (stopped early by a search's scheduler)
     start_ms: int
     end_ms: int
 

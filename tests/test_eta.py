@@ -1,0 +1,135 @@
+"""The progress line's ETA (sweep.runner.EtaEstimator): per kind of trial, concurrency-aware, and not
+growing while the last long trials run. Pure: simulated clocks and rows, no Ray."""
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from sweep.runner import EtaEstimator, _Sink, format_seconds
+
+T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+def row(key, defense, *, start, defense_s, attack_s=None, cached=None, status="ok", overhead=2.0):
+    """A finished trial's row as the engine writes it: its wall time is its defense, its build (when it
+    built the model) and ``overhead``."""
+    wall = defense_s + overhead + (attack_s if cached is False else 0.0)
+    return {"model_key": key, "defense": defense, "status": status, "defense_seconds": defense_s,
+            "attack_seconds": attack_s, "attack_cached": cached,
+            "started_at": (T0 + timedelta(seconds=start)).isoformat(),
+            "finished_at": (T0 + timedelta(seconds=start + wall)).isoformat()}
+
+
+def old_eta(elapsed, finished, total):
+    """The estimate this replaces: the mean of finished trials times the trials left."""
+    return elapsed / finished * (total - finished)
+
+
+def test_10_of_12_done_two_abl_trials_training_the_eta_falls_with_their_time():
+    """Five models built (100 s each), ten post-training trials done (none: 0.5 s, finetune: 20 s), then two
+    ABL trials (a training-time defense, none finished yet) run on the two slots. The ETA is ABL's estimate
+    (a model's training, since no ABL has finished) less the time they have run: it falls by the second
+    and stays at zero if they overrun, where the mean-based estimate grew with every second they ran."""
+    keys = [f"m{i}" for i in range(5)]
+    queued = [(k, d) for k in keys for d in ("none", "finetune")] + [("m0", "abl"), ("m1", "abl")]
+    eta = EtaEstimator(queued, training_time={"abl"}, slots=None)
+    now, i = 0.0, 0
+    for k in keys:  # two slots: the builder of each model, then its second trial
+        for d, secs in (("none", 0.5), ("finetune", 20.0)):
+            eta.start(f"t{i}", k, d, now)
+            builds = d == "none"
+            r = row(k, d, start=now, defense_s=secs, attack_s=100.0, cached=not builds)
+            now += secs + 2.0 + (100.0 if builds else 0.0)
+            eta.finish(f"t{i}", r, now)
+            i += 1
+    eta.peak = 2  # two trials ran at a time
+    eta.start("abl0", "m0", "abl", now)
+    eta.start("abl1", "m1", "abl", now + 5)
+    start, finished, total = now, 10, 12
+    etas, olds = [], []
+    for dt in range(10, 200, 10):
+        etas.append(eta.eta(start + dt))
+        olds.append(old_eta(start + dt, finished, total))
+    expected = 100.0 + 2.0  # a build's time (ABL's fallback) plus the mean overhead
+    assert etas[0] == pytest.approx(expected + 5 - 10)  # the later ABL trial, 5 s younger, ends last
+    assert all(b <= a for a, b in zip(etas, etas[1:])), etas  # never grows
+    assert etas[5] == pytest.approx(etas[0] - 50)  # falls with the clock
+    assert etas[-1] == 0.0  # overrunning trials: "any moment now", not a negative time
+    assert all(b > a for a, b in zip(olds, olds[1:]))  # what the old line did meanwhile
+
+    # the first ABL finishes after 150 s of defense: the other's estimate becomes 150 s
+    eta.finish("abl0", row("m0", "abl", start=start, defense_s=150.0), start + 152)
+    assert eta.eta(start + 152) == pytest.approx(150.0 + 2.0 - 147.0)
+
+
+def test_each_remaining_trial_is_estimated_by_its_kind():
+    """A model to build costs its build once (trials sharing a model_key build it once; a model in the
+    store costs nothing), a post-training defense its own defense time, and concurrency spreads the queue."""
+    eta = EtaEstimator([("m0", "none"), ("m0", "finetune")], training_time={"abl"})
+    eta.start("a", "m0", "none", 0.0)
+    eta.finish("a", row("m0", "none", start=0, defense_s=0.0, attack_s=100.0, cached=False, overhead=0.0), 100.0)
+    eta.start("b", "m0", "finetune", 100.0)
+    eta.finish("b", row("m0", "finetune", start=100, defense_s=10.0, attack_s=100.0, cached=True, overhead=0.0), 110.0)
+    assert eta.eta(110.0) == 0.0
+    # four finetune trials: two on a model to build (m5), two on one already in the store (m6)
+    eta.queued.update({("m5", "finetune"): 2, ("m6", "finetune"): 2})
+    eta.have_models.add("m6")
+    assert eta.eta(110.0) == pytest.approx(110 + 10 + 10 + 10)  # one slot: the build, then 4 × 10 s
+    eta.peak = 2
+    assert eta.eta(110.0) == pytest.approx(110)  # two slots: the builder on one, the three others beside it
+    eta.slots = 1  # max_concurrent caps the slots seen
+    assert eta.eta(110.0) == pytest.approx(140)
+    # a builder running for 30 s has 80 s left
+    eta.start("c", "m5", "finetune", 110.0)
+    assert eta.running["c"][3] is True  # it builds m5; the other m5 trial will not
+    assert eta.eta(140.0) == pytest.approx(80 + 30)
+
+
+def test_unknown_until_a_figure_exists_then_fallbacks():
+    eta = EtaEstimator([("m0", "ibau"), ("m1", "abl")], training_time={"abl"})
+    assert eta.eta(0.0) is None  # nothing finished: no figure to go by
+    eta.start("a", "m0", "ibau", 0.0)
+    eta.finish("a", row("m0", "ibau", start=0, defense_s=30.0, attack_s=60.0, cached=False, overhead=0.0), 90.0)
+    # ABL: no training-time defense finished: a model's build time stands in (it trains one)
+    assert eta.defense_time("abl") == pytest.approx(60.0)
+    assert eta.eta(90.0) == pytest.approx(60.0)
+    # a post-training defense never seen: the mean of its kind
+    assert eta.defense_time("awm") == pytest.approx(30.0)
+    # failed and stopped rows count as done but do not set the figures
+    eta.finish("x", {**row("m1", "abl", start=0, defense_s=1.0), "status": "failed"}, 91.0)
+    assert eta.defense_time("abl") == pytest.approx(60.0) and eta.eta(91.0) == 0.0
+
+
+def test_the_progress_line_shows_the_estimate(capsys):
+    class W:
+        def add(self, r):
+            return False
+
+        def close(self):
+            pass
+
+    eta = EtaEstimator([("m0", "none")] * 3)
+    sink = _Sink(W(), None, total=4, show=True, eta=eta)
+    sink.tracker = type("T", (), {"log_many": lambda self, items: None})()
+    r = row("m0", "none", start=0, defense_s=1.0, attack_s=5000.0, cached=False, overhead=0.0)
+    sink._record({**r, "trial_id": "t0"}, {}, {}, "t0")
+    sink._progress(force=True)
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("[sweep] 1/4 done") and line.endswith("eta 2s"), line  # two 1-second trials left
+
+
+@pytest.mark.parametrize("s,text", [(45, "45s"), (725, "12m05s"), (11220, "3h07m"), (187200, "2d04h")])
+def test_durations_read_at_a_glance(s, text):
+    assert format_seconds(s) == text
+
+
+def test_a_defense_not_seen_finishing_is_not_estimated_by_the_none_rows():
+    """The none rows finish first and cost nothing; the queued ANP trials must not inherit that: they take
+    at least as long as the ANP trial already running has run."""
+    eta = EtaEstimator([("m", "none"), ("m", "anp"), ("m", "anp"), ("m", "anp")], have_models={"m"}, slots=1)
+    eta.start("t0", "m", "none", 0.0)
+    eta.finish("t0", {"model_key": "m", "defense": "none", "status": "ok", "defense_seconds": 0.0,
+                      "attack_cached": True}, 1.0)
+    eta.start("t1", "m", "anp", 1.0)
+    # nothing of ANP has finished: each queued ANP trial takes at least what the running one has run
+    assert eta.eta(2.0) == pytest.approx(2 * 1.0)
+    assert eta.eta(61.0) == pytest.approx(2 * 60.0)  # the estimate grows with the evidence, not from 0 s
