@@ -218,6 +218,46 @@ class CleanLabelAttack(Attack):
         return super().select(y)
 
 
+def add_and_clip(x: torch.Tensor, pattern: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """I-BAU's ``patching`` for image triggers: ``clip(x * keep + pattern, 0, 1)`` (``keep`` = 1 − mask for
+    L0-inv, none for the additive Trojan and L2-inv triggers)."""
+    x = x if keep is None else x * keep.to(x)
+    return (x + pattern.to(x)).clamp(0, 1)
+
+
+def released_trigger(name: str) -> str | None:
+    """The I-BAU authors' released trigger file ``name`` (``$BDSWEEP_IBAU_TRIGGERS``, else
+    ``../shared/data/ibau-cifar10/triggers`` beside the project) when it is there, else None: the default
+    of the attacks that read those files."""
+    import os
+    from pathlib import Path
+
+    folder = os.environ.get("BDSWEEP_IBAU_TRIGGERS") or Path(__file__).resolve().parents[2] / "shared/data/ibau-cifar10/triggers"
+    path = Path(folder) / name
+    return str(path) if path.is_file() else None
+
+
+class ReleasedTriggerParams(PoisonParams):
+    """Parameters of an attack whose trigger is a file of the I-BAU release (l0_inv, l2_inv): a file field
+    declared with ``json_schema_extra={'file': ..., 'release': NAME}`` and ``validate_default=True``
+    defaults to that release's file NAME when it is on disk, and must be given otherwise."""
+
+    target: Union[int, Literal["all"]] = Field(0, description="target class (I-BAU: 0), or 'all'")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _released_by_default(cls, v, info: ValidationInfo):
+        extra = cls.model_fields[info.field_name].json_schema_extra
+        release = extra.get("release") if isinstance(extra, dict) else None
+        if v is not None or release is None:
+            return v
+        found = released_trigger(release)
+        if found is None:
+            raise ValueError(f"no file given, and the I-BAU release's triggers/{release} was not found (give "
+                             "the file, or set BDSWEEP_IBAU_TRIGGERS to the release's triggers/ folder)")
+        return found
+
+
 def corner(position, size: int, h: int, w: int, margin: int = 0) -> tuple[int, int]:
     """Top-left (row, col) of a size×size patch at a named corner or an explicit [row, col]."""
     if not isinstance(position, str):

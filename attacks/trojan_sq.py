@@ -15,6 +15,8 @@ Where the defaults come from:
   TrojanNN squares look like saturated colour noise), or one fixed ``color`` when given. It is stamped
   with opacity ``alpha`` (1: replaced), x' = (1 − α·m)·x + α·m·t; for a saturated trigger that is what
   I-BAU's add-and-clip gives.
+- ``image``: the authors' own trigger file, added and clipped exactly as their ``patching`` does (the PNG
+  ships with their released models, ../shared/data/ibau-cifar10/triggers/trojan_sq.png here).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import torch
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from attacks import ATTACKS
-from attacks.base import Attack, PoisonParams
+from attacks.base import Attack, PoisonParams, add_and_clip
 
 
 class TrojanSquareParams(PoisonParams):
@@ -37,6 +39,10 @@ class TrojanSquareParams(PoisonParams):
                           "pattern drawn from pattern_seed")
     alpha: float = Field(1.0, gt=0, le=1, description="opacity of the square (1: the pixels are replaced)")
     pattern_seed: int = 0
+    image: Optional[str] = Field(
+        None, description="the trigger image (I-BAU's triggers/trojan_sq.png): added to the input and clipped, "
+                          "as the authors' patching does; size, margin, color, alpha and pattern_seed then "
+                          "do not apply", json_schema_extra={"file": "image"})
 
     @field_validator("color")
     @classmethod
@@ -83,5 +89,7 @@ class TrojanSquare(Attack):
         self.mask, self.pattern = square_trigger(c, h, w, p.size, p.margin, p.color, p.pattern_seed)
 
     def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
+        if self.params.image is not None:
+            return add_and_clip(x, self.files["image"])
         m = self.params.alpha * self.mask.to(x)
         return ((1 - m) * x + m * self.pattern.to(x)).clamp(0, 1)

@@ -15,16 +15,18 @@ Where the defaults come from:
   stamped in one ``color`` (default white) with opacity ``alpha`` (default 0.5):
   x' = (1 − α·m)·x + α·m·color. The shape is computed from continuous coordinates, so it is the same
   logo at every resolution.
+- ``image``: the authors' own trigger file, added and clipped exactly as their ``patching`` does (the PNG
+  ships with their released models, ../shared/data/ibau-cifar10/triggers/trojan_wm.png here).
 """
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import Literal, Optional, Union
 
 import torch
 from pydantic import Field, field_validator
 
 from attacks import ATTACKS
-from attacks.base import Attack, PoisonParams
+from attacks.base import Attack, PoisonParams, add_and_clip
 
 
 class TrojanWatermarkParams(PoisonParams):
@@ -34,6 +36,10 @@ class TrojanWatermarkParams(PoisonParams):
     stroke: float = Field(0.1, gt=0, le=0.5, description="stroke width of the logo, as a fraction of its diameter")
     color: tuple[float, float, float] = Field((1.0, 1.0, 1.0), description="RGB colour of the logo, in [0, 1]")
     alpha: float = Field(0.5, gt=0, le=1, description="opacity of the logo")
+    image: Optional[str] = Field(
+        None, description="the trigger image (I-BAU's triggers/trojan_wm.png): added to the input and clipped, "
+                          "as the authors' patching does; scale, stroke, color and alpha then do not apply",
+        json_schema_extra={"file": "image"})
 
     @field_validator("color")
     @classmethod
@@ -71,5 +77,7 @@ class TrojanWatermark(Attack):
         self.pattern = col.reshape(c, 1, 1) * self.mask
 
     def apply_trigger(self, x: torch.Tensor) -> torch.Tensor:
+        if self.params.image is not None:
+            return add_and_clip(x, self.files["image"])
         m = self.params.alpha * self.mask.to(x)
         return ((1 - m) * x + m * self.pattern.to(x)).clamp(0, 1)

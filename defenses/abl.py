@@ -114,6 +114,7 @@ class ABL(Defense):
     name = "abl"
     Params = ABLParams
     needs_backdoored_model = False
+    uses_poisoned_data = True
     outputs = {"isolation_precision": "float", "isolation_recall": "float"}
 
     def apply(self, model, ctx):

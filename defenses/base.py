@@ -92,6 +92,9 @@ class Defense:
     name: ClassVar[str]
     Params: ClassVar[type[DefenseParams]] = DefenseParams
     needs_backdoored_model: ClassVar[bool] = True  # False for defenses that train from the poisoned data
+    # Reads ``ctx.poisoned_train`` (the attacker's training set): refused for a backdoored model given as a
+    # checkpoint unless the spec says the model was trained on this attack's poisoning of the dataset.
+    uses_poisoned_data: ClassVar[bool] = False
     # Extra result columns this defense reports through ``ctx.outputs``: name -> 'float' | 'int' | 'str' |
     # 'bool'. They become typed Parquet columns (null for other defenses' rows) and MLflow metrics/params.
     outputs: ClassVar[dict[str, str]] = {}

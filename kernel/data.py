@@ -217,6 +217,22 @@ def read_image(path: str, shape: tuple[int, int, int]) -> torch.Tensor:
     return _decode([str(path)], info, path)[0].float() / 255
 
 
+def read_array(path: str, shape: tuple[int, int, int]) -> torch.Tensor:
+    """A float array saved with numpy (``.npy``, e.g. I-BAU's L0 trigger mask) as (C, H, W) at ``shape``;
+    an (H, W) or (1, H, W) array is broadcast over the channels. Pickled objects are refused."""
+    if not Path(path).is_file():
+        raise DataError(f"array file not found: {path}")
+    try:
+        a = torch.from_numpy(np.load(path, allow_pickle=False)).float()
+    except ValueError as e:
+        raise DataError(f"cannot read {path} as a plain numpy array ({e})") from None
+    if a.dim() == 2:
+        a = a[None]
+    if a.dim() != 3 or a.shape[1:] != tuple(shape[1:]) or a.shape[0] not in (1, shape[0]):
+        raise DataError(f"{path} has shape {list(a.shape)}; expected {list(shape)} (or one channel of it)")
+    return a.expand(shape).clone()
+
+
 def _take(raw: Raw, n: int | None, seed: int, info: DatasetInfo, root) -> Split:
     """Subset (if n is given) and, for file lists, decode only the chosen files."""
     idx = None if n is None else stratified_indices(raw.y, n, seed)

@@ -288,7 +288,12 @@ def wrn16_1(num_classes: int, in_channels: int = 3) -> nn.Module:
 
 class VGGSmall(_Classifier):
     """conv-BN-ELU x2 per stage (32, 64, 128), each stage ending in maxpool + dropout (0.3, 0.4, 0.4);
-    flattened 128x4x4 = 2048 features -> linear."""
+    flattened 128x4x4 = 2048 features -> linear.
+
+    The I-BAU authors' ``VGG('small_VGG16')`` layer for layer: the same ``features.<i>`` indices (convs at
+    0, 3, 8, 11, 16, 19, with bias; BatchNorm at 1, 4, ...) and the linear layer named ``classifier``, so
+    their released checkpoints load as they are (kernel.checkpoint); ``fc`` is the same layer under the
+    name every model exposes."""
 
     def __init__(self, num_classes: int, in_channels: int):
         super().__init__()
@@ -302,13 +307,17 @@ class VGGSmall(_Classifier):
         # Pool to the 4x4 grid the original has at 32x32 (a no-op there), so 28x28 or 64x64 inputs keep
         # the same 2048 -> K classifier.
         self.pool = nn.AdaptiveAvgPool2d(4)
-        self.fc = nn.Linear(128 * 4 * 4, num_classes)
+        self.classifier = nn.Linear(128 * 4 * 4, num_classes)
+
+    @property
+    def fc(self) -> nn.Linear:
+        return self.classifier
 
     def forward_features(self, x):
         return self.features(x)
 
     def forward_head(self, f):
-        return self.fc(torch.flatten(self.pool(f), 1))
+        return self.classifier(torch.flatten(self.pool(f), 1))
 
     def stages(self):
         return [m for m in self.features if isinstance(m, nn.MaxPool2d)]  # each stage ends in its pool

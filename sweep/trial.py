@@ -17,7 +17,9 @@ from attacks import ATTACKS
 from attacks.base import AttackContext
 from defenses import DEFENSES
 from defenses.base import DefenseContext, draw_clean_set
-from kernel.data import Dataset, DatasetInfo, Split, dataset_info, load_dataset, read_image, stratified_indices
+from kernel.checkpoint import load_checkpoint
+from kernel.data import (Dataset, DatasetInfo, Split, dataset_info, load_dataset, read_array, read_image,
+                         stratified_indices)
 from kernel.metrics import evaluate
 from kernel.models import create_model
 from kernel.train import TrainConfig, fit
@@ -26,6 +28,19 @@ from sweep.store import Store
 
 CURVE_SAMPLES = 1000  # test images used for per-epoch curves: enough for a curve, cheap enough per epoch
 _DATA_MEMO: dict[str, Dataset] = {}  # per worker process: actors are reused, so is their data
+PROTOCOL = ("clean_from", "clean_pool")  # dataset keys that say where the defender's clean set comes from
+
+
+def split_test(ds: Dataset, dataset: dict) -> tuple[Dataset, Split | None]:
+    """(the data to measure on, the defender's test pool or None). With ``clean_from: test`` a fixed
+    class-stratified draw of ``clean_pool`` test images is the defender's (the same for every seed and
+    trial, as I-BAU's first 5,000 test images are) and CA/ASR are measured on the other test images."""
+    if dataset.get("clean_from") != "test":
+        return ds, None
+    pool = stratified_indices(ds.test.y, dataset["clean_pool"], 0)
+    rest = torch.ones(len(ds.test), dtype=torch.bool)
+    rest[pool] = False
+    return Dataset(ds.info, ds.train, ds.test.subset(rest.nonzero().flatten())), ds.test.subset(pool)
 
 
 @dataclass
@@ -37,10 +52,10 @@ class Outcome:
 
 def load_data(trial: Trial, root: str | None, download: bool, store: Store) -> Dataset:
     """The trial's dataset, decoded once per store and held once per worker."""
-    key = content_hash({**trial.dataset, "root": root})
+    d = {k: v for k, v in trial.dataset.items() if k not in PROTOCOL}  # the same images either way
+    key = content_hash({**d, "root": root})
     if key in _DATA_MEMO:
         return _DATA_MEMO[key]
-    d = trial.dataset
 
     def build():
         ds = load_dataset(d["name"], root=root, train_size=d["train_size"], test_size=d["test_size"],
@@ -57,7 +72,8 @@ def load_data(trial: Trial, root: str | None, download: bool, store: Store) -> D
 
 def _load_files(cls, params: dict, info: DatasetInfo) -> dict:
     """Read the files an attack's parameters name (e.g. a blend trigger image): attacks do no I/O."""
-    return {name: read_image(path, info.shape) for name, path in file_params(cls, params)}
+    return {name: read_array(path, info.shape) if path.endswith(".npy") else read_image(path, info.shape)
+            for name, path in file_params(cls, params)}
 
 
 def base_row(trial: Trial) -> dict:
@@ -67,7 +83,8 @@ def base_row(trial: Trial) -> dict:
            "clean_acc": None, "asr": None, "robust_acc": None, "attack_clean_acc": None, "attack_asr": None,
            "attack_robust_acc": None, "attack_seconds": None, "defense_seconds": None, "attack_cached": None,
            "started_at": datetime.now(timezone.utc).isoformat(), "finished_at": None,
-           "host": platform.node(), "device": None}
+           "host": platform.node(), "device": None, "clean_from": trial.dataset.get("clean_from", "train"),
+           "checkpoint": (trial.checkpoint or {}).get("path")}
     row.update({f"attack.{k}": v for k, v in trial.attack.params.items()})
     row.update({f"defense.{k}": v for k, v in trial.defense.params.items()})
     return row
@@ -96,7 +113,7 @@ def _with(product, **record):
 
 def _run(trial: Trial, store: Store, root, download, device, out: Outcome) -> None:
     row, seed = out.row, trial.seed
-    ds = load_data(trial, root, download, store)
+    ds, test_pool = split_test(load_data(trial, root, download, store), trial.dataset)
     info = ds.info
     acls, dcls = ATTACKS.get(trial.attack.name), DEFENSES.get(trial.defense.name)
     attack = acls(acls.Params.model_validate(trial.attack.params), info, seed,
@@ -106,7 +123,8 @@ def _run(trial: Trial, store: Store, root, download, device, out: Outcome) -> No
 
     def new_model():
         torch.manual_seed(seed)  # same init for a seed, whatever ran before in this process
-        return create_model(trial.model, info.num_classes, info.shape[0], info.mean, info.std)
+        norm = trial.normalize or {"mean": info.mean, "std": info.std}
+        return create_model(trial.model, info.num_classes, info.shape[0], **norm)
 
     def train_and_record(m, x, y, triggered, fit_it: bool = True) -> tuple[dict, dict]:
         """Train ``m`` on (x, y) (unless ``fit_it`` is False: already trained), measure it: a store product."""
@@ -161,13 +179,17 @@ def _run(trial: Trial, store: Store, root, download, device, out: Outcome) -> No
     if defense.needs_backdoored_model:
         def build():
             m = new_model()
-            if attack.trains_model:  # the attack trained it in prepare(): its weights are products
+            if trial.checkpoint is not None:  # the user's model: read (weights only), measured, not trained
+                load_checkpoint(m, trial.checkpoint["path"])
+                state, record = train_and_record(m.to(device), None, None, triggered, fit_it=False)
+                record["checkpoint"] = trial.checkpoint
+            elif attack.trains_model:  # the attack trained it in prepare(): its weights are products
                 m.load_state_dict({k[6:]: v for k, v in products.items() if k.startswith("model.")})
                 state, record = train_and_record(m.to(device), None, None, triggered, fit_it=False)
                 record.update(seconds=products_record["seconds"], history=products_record["history"])
             else:
                 state, record = train_and_record(m, poisoned.train.x, poisoned.train.y, triggered)
-            record["poisoned"] = len(poisoned.indices)
+            record["poisoned"] = None if trial.checkpoint is not None else len(poisoned.indices)
             return state, record
 
         state, record, built = store.get_or_build("models", trial.model_key, build)
@@ -196,8 +218,12 @@ def _run(trial: Trial, store: Store, root, download, device, out: Outcome) -> No
 
     ctx.score_isolation = score_isolation
     if dcls.uses_clean_set():
-        touched = torch.cat([poisoned.indices, poisoned.noise_indices])  # WaNet's noise samples too
-        ctx.clean = draw_clean_set(ds.train, touched, defense.params.clean_size, seed, info.num_classes)
+        if test_pool is not None:  # the papers' protocol: the defender holds test images
+            ctx.clean = draw_clean_set(test_pool, torch.empty(0, dtype=torch.long), defense.params.clean_size,
+                                       seed, info.num_classes)
+        else:
+            touched = torch.cat([poisoned.indices, poisoned.noise_indices])  # WaNet's noise samples too
+            ctx.clean = draw_clean_set(ds.train, touched, defense.params.clean_size, seed, info.num_classes)
     t0 = time.perf_counter()
     model = defense.apply(model, ctx)
     row["defense_seconds"] = time.perf_counter() - t0
