@@ -15,6 +15,7 @@ Design (after airbench94):
 from __future__ import annotations
 
 import math
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
@@ -39,11 +40,21 @@ class TrainConfig:
     augment: bool = True  # random crop (pad 4) + horizontal flip, the CIFAR standard
     crop_pad: int = 4
     label_smoothing: float = 0.0
+    # Dropout probability of every nn.Dropout layer while this training runs (None: the architecture's
+    # own). vgg_small's 0.3/0.4/0.4 regularise a 50-epoch run; a short full-data schedule converges
+    # faster without them (docs/benchmarks.md, "Full-data recipes"). The layers get their own rates back
+    # when fit returns, so later training (a defense's fine-tuning) sees the architecture as published.
+    dropout: float | None = None
     # 'auto': bf16 autocast where the hardware computes bf16 natively (see mixed_precision), else fp32.
     precision: str = "auto"
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        # Fields added later are left out at their neutral default, so the ids of trials (hashes of
+        # this dict) from specs that never set them stay what they were.
+        return {k: v for k, v in asdict(self).items() if not (k in _LATER and v is None)}
+
+
+_LATER = ("dropout",)
 
 
 class TrainingDiverged(RuntimeError):
@@ -176,8 +187,6 @@ def fit(
     joins the batch's loss); ``extra_optimizers`` (e.g. a generator's Adam) are zeroed and stepped with the
     model's SGD on every batch, so models trained jointly share this one loop. Returns the per-epoch records.
     """
-    import time
-
     device = device or default_device()
     model.to(device=device, memory_format=torch.channels_last)  # oneDNN's and cuDNN's native layout
     x, y = x.to(device), y.to(device)
@@ -192,6 +201,26 @@ def fit(
     )
     for group in opt.param_groups:  # the schedule scales this (torch's LR schedulers keep the same key)
         group.setdefault("initial_lr", group["lr"])
+    with _dropout(model, cfg.dropout):
+        return _fit(model, x, y, cfg, gen, device, loss_fn, on_epoch, batch_fn, opt, extra_optimizers)
+
+
+@contextmanager
+def _dropout(model: nn.Module, p: float | None):
+    """Every dropout layer of ``model`` at rate ``p`` inside the block (no change for None)."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)] if p is not None else []
+    rates = [m.p for m in layers]
+    for m in layers:
+        m.p = p
+    try:
+        yield
+    finally:
+        for m, r in zip(layers, rates):
+            m.p = r
+
+
+def _fit(model, x, y, cfg, gen, device, loss_fn, on_epoch, batch_fn, opt, extra_optimizers) -> list[dict]:
+    """fit's epochs, once the model, data and optimiser are in place."""
     n = int(y.shape[0])
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total, step, history = cfg.epochs * steps_per_epoch, 0, []

@@ -117,3 +117,20 @@ def test_frozen_batchnorm_keeps_running_statistics_through_fit_and_lets_go_after
     assert all(m.training for m in bn)  # back in step with the model (fit left it in train mode)
     fit(model, x, y, cfg, device=torch.device("cpu"))
     assert not all(torch.equal(m.running_mean, b) for m, b in zip(bn, before))  # outside the block they move
+
+
+def test_a_training_dropout_rate_applies_while_fitting_and_is_given_back():
+    torch.manual_seed(0)
+    model = create_model("vgg_small", 10)
+    drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert [m.p for m in drops] == [0.3, 0.4, 0.4]
+    seen = []
+    x, y = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8), torch.arange(32) % 10
+    fit(model, x, y, TrainConfig(epochs=1, batch_size=16, dropout=0.0),
+        on_epoch=lambda e, r: seen.append([m.p for m in drops]))
+    assert seen == [[0.0, 0.0, 0.0]]  # during training
+    assert [m.p for m in drops] == [0.3, 0.4, 0.4]  # the architecture's rates afterwards
+    fit(model, x, y, TrainConfig(epochs=1, batch_size=16), on_epoch=lambda e, r: seen.append([m.p for m in drops]))
+    assert seen[-1] == [0.3, 0.4, 0.4]  # None: untouched
+    # a field added later stays out of the identity dict at its default, so older trial ids hold
+    assert "dropout" not in TrainConfig().as_dict() and TrainConfig(dropout=0.0).as_dict()["dropout"] == 0.0
