@@ -33,9 +33,5 @@ class L0Invisible(Attack):
     name = "l0_inv"
     Params = L0InvParams
 
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.keep = 1 - self.files["mask"]
-
     def apply_trigger(self, x):
-        return add_and_clip(x, self.files["image"], self.keep)
+        return add_and_clip(x, self.files["image"], 1 - self.files["mask"])

@@ -225,9 +225,15 @@ def test_every_registered_attack_is_documented_expands_and_is_in_the_cifar10_tab
     doc = (root / "docs" / "attacks.md").read_text()
     example = yaml.safe_load((root / "examples" / "attacks_cifar10.yaml").read_text())
     in_example = {a["name"] for a in example["attacks"]}
+    # The I-BAU release's own triggers (their files are the default) are measured on the release's models
+    release = yaml.safe_load((root / "examples" / "ibau_release_cifar10.yaml").read_text())
+    in_release = {a["name"] for a in release["attacks"]}
     for name in ATTACKS.names():
         assert f"| `{name}` |" in doc, f"{name} has no row in docs/attacks.md"
-        assert name in in_example, f"{name} is missing from examples/attacks_cifar10.yaml"
+        if name in ("l0_inv", "l2_inv"):
+            assert name in in_release, f"{name} is missing from examples/ibau_release_cifar10.yaml"
+        else:
+            assert name in in_example, f"{name} is missing from examples/attacks_cifar10.yaml"
         (t,) = expand_attack({"name": name})
         cls = ATTACKS.get(name)
         cls(cls.Params.model_validate(t.attack.params), INFO, 0)
