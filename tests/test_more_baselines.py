@@ -223,6 +223,16 @@ def test_the_codes_curve_lr_schedule_and_batchnorm_recomputation():
     recompute_batchnorm(model, ctx.clean.x, 64, torch.device("cpu"))
     assert torch.allclose(bn.running_mean, feats.mean(dim=(0, 2, 3)), atol=1e-5)
     assert not model.training
+    # the defense's form: over the crop-and-flip of the batches (the code's training loader), seeded
+    from kernel.train import augment, make_generator
+
+    recompute_batchnorm(model, ctx.clean.x, 64, torch.device("cpu"), make_generator(5, torch.device("cpu")))
+    g = make_generator(5, torch.device("cpu"))
+    aug = torch.cat([augment(xb, g) for xb in ctx.clean.x.split(64)])
+    with torch.no_grad():
+        feats_aug = model.net.features[0][:2](model.normalize(to_float(aug)))
+    assert torch.allclose(bn.running_mean, feats_aug.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert not torch.allclose(bn.running_mean, feats.mean(dim=(0, 2, 3)), atol=1e-3)
 
 
 # -- SAU -----------------------------------------------------------------------------------------------
