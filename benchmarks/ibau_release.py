@@ -32,7 +32,7 @@ from attacks import ATTACKS  # noqa: E402
 from defenses import DEFENSES  # noqa: E402
 from defenses.base import DefenseContext, draw_clean_set  # noqa: E402
 from kernel.checkpoint import load_checkpoint  # noqa: E402
-from kernel.data import load_dataset, read_array, read_image  # noqa: E402
+from kernel.data import load_dataset, read_file  # noqa: E402
 from kernel.metrics import evaluate  # noqa: E402
 from kernel.models import create_model  # noqa: E402
 from kernel.train import TrainConfig, to_float, to_uint8  # noqa: E402
@@ -68,7 +68,7 @@ def main() -> None:
     stem, attack_name, aparams, afiles = MODELS[a.model]
     ds, pool = split_test(load_dataset("cifar10", root=a.data), {"clean_from": "test", "clean_pool": 5000})
     cls = ATTACKS.get(attack_name)
-    files = {k: (read_array if v.endswith(".npy") else read_image)(str(RELEASE / "triggers" / v), ds.info.shape)
+    files = {k: read_file(str(RELEASE / "triggers" / v), ds.info.shape)
              for k, v in afiles.items()}
     attack = cls(cls.Params(**aparams), ds.info, a.seed, files=files)
     triggered = attack.triggered_test(ds.test)

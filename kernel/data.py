@@ -233,6 +233,11 @@ def read_array(path: str, shape: tuple[int, int, int]) -> torch.Tensor:
     return a.expand(shape).clone()
 
 
+def read_file(path: str, shape: tuple[int, int, int]) -> torch.Tensor:
+    """A file an attack parameter names, as float (C, H, W): a ``.npy`` array or an image."""
+    return read_array(path, shape) if str(path).endswith(".npy") else read_image(path, shape)
+
+
 def _take(raw: Raw, n: int | None, seed: int, info: DatasetInfo, root) -> Split:
     """Subset (if n is given) and, for file lists, decode only the chosen files."""
     idx = None if n is None else stratified_indices(raw.y, n, seed)

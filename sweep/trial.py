@@ -18,7 +18,7 @@ from attacks.base import AttackContext
 from defenses import DEFENSES
 from defenses.base import DefenseContext, draw_clean_set
 from kernel.checkpoint import load_checkpoint
-from kernel.data import (Dataset, DatasetInfo, Split, dataset_info, load_dataset, read_array, read_image,
+from kernel.data import (Dataset, DatasetInfo, Split, dataset_info, load_dataset, read_file,
                          stratified_indices)
 from kernel.metrics import evaluate
 from kernel.models import create_model
@@ -72,8 +72,7 @@ def load_data(trial: Trial, root: str | None, download: bool, store: Store) -> D
 
 def _load_files(cls, params: dict, info: DatasetInfo) -> dict:
     """Read the files an attack's parameters name (e.g. a blend trigger image): attacks do no I/O."""
-    return {name: read_array(path, info.shape) if path.endswith(".npy") else read_image(path, info.shape)
-            for name, path in file_params(cls, params)}
+    return {name: read_file(path, info.shape) for name, path in file_params(cls, params)}
 
 
 def base_row(trial: Trial) -> dict:
