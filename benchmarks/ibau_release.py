@@ -14,6 +14,15 @@ of where the notebook's number comes from, not a defense; the engine's ``ibau`` 
     .venv/bin/python benchmarks/ibau_release.py --model badnets --rounds 1 --portion 0.01 --no-augment \
         --batch-size 100 --inner-on triggered
     .venv/bin/python benchmarks/ibau_release.py --model badnets                 # the engine's defaults
+    .venv/bin/python benchmarks/ibau_release.py --model badnets --notebook --rounds 1
+
+``--notebook`` replays the notebook's round step for step instead of calling ``defenses.ibau``: inner
+pass over the triggered images in batches of 200, pseudo-labels the model's predictions on them, SGD lr 10
+in fp32 with the L2 projection once after the pass (not after every step); outer steps over the clean
+images in batches of 100 in order, one image of each carrying δ, the fixed-point map on the *first* batch
+with its true labels (``loss_inner`` reads ``images_list[0]``), Adam 1e-3, eval mode throughout. Only the
+hypergradient itself is ours (``defenses.ibau.implicit_hypergradient``, the same sum as their
+``hg.fixed_point``).
 """
 from __future__ import annotations
 
@@ -24,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -31,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 from attacks import ATTACKS  # noqa: E402
 from defenses import DEFENSES  # noqa: E402
 from defenses.base import DefenseContext, draw_clean_set  # noqa: E402
+from defenses.ibau import implicit_hypergradient  # noqa: E402
 from kernel.checkpoint import load_checkpoint  # noqa: E402
 from kernel.data import load_dataset, read_file  # noqa: E402
 from kernel.metrics import evaluate  # noqa: E402
@@ -49,6 +60,59 @@ MODELS = {  # file stem, attack, its parameters (the release's triggers), its fi
 }
 
 
+def notebook_round(model, clean, stamped, generator, project_each_step=False,
+                   inner_batch=200, outer_batch=100, portion=0.01, K=5, fp_step=0.1, l2=1e-3) -> dict:
+    """One round of the notebook's cell 13 on float images ``clean.x`` / ``stamped`` (see the module doc).
+    ``project_each_step`` moves the L2 projection into the inner loop (what ``defenses.ibau`` does)."""
+    model.eval()
+    # The notebook walks CIFAR-10's own test order, classes mixed; our image folder is sorted by class,
+    # so one seeded shuffle first (in order, every outer batch would hold one class).
+    order = torch.randperm(len(clean.y), generator=generator)
+    x, y, xs = to_float(clean.x[order]), clean.y[order], to_float(stamped[order])
+    delta = torch.zeros(1, *x.shape[1:], requires_grad=True)
+    opt = torch.optim.SGD([delta], lr=10)
+    for i in range(0, len(xs), inner_batch):
+        xb = xs[i:i + inner_batch]
+        with torch.no_grad():
+            pseudo = model(xb).argmax(1)
+        loss = -F.cross_entropy(model((xb + delta).clamp(0, 1)), pseudo) + l2 * delta.pow(2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if project_each_step:
+            with torch.no_grad():
+                delta.mul_(min(1.0, 10 / float(delta.norm())))
+    raw = float(delta.detach().norm())
+    delta = (delta * min(1.0, 10 / raw)).detach()
+    params = [q for q in model.parameters() if q.requires_grad]
+    names = [k for k, q in model.named_parameters() if q.requires_grad]
+    adam = torch.optim.Adam(params, lr=1e-3)
+    x0, y0 = x[:outer_batch], y[:outer_batch]
+
+    def call(theta, inputs):
+        return torch.func.functional_call(model, dict(zip(names, theta)), (inputs,))
+
+    def inner_map(d, theta):  # hg.GradientDescent(loss_inner, 0.1): always images_list[0], true labels
+        g = -F.cross_entropy(call(theta, (x0 + d).clamp(0, 1)), y0) + l2 * d.pow(2).sum()
+        (gd,) = torch.autograd.grad(g, d, create_graph=True)
+        return d - fp_step * gd
+
+    for i in range(0, len(x), outer_batch):
+        xb, yb = x[i:i + outer_batch], y[i:i + outer_batch]
+        hit = torch.zeros(len(xb), 1, 1, 1)
+        hit[torch.randperm(len(xb), generator=generator)[:int(len(xb) * portion)]] = 1
+
+        def outer_loss(d, theta):
+            return F.cross_entropy(call(theta, (xb + hit * d).clamp(0, 1)), yb)
+
+        grads = implicit_hypergradient(outer_loss, inner_map, params, delta, K)
+        adam.zero_grad(set_to_none=True)
+        for q, g in zip(params, grads):
+            q.grad = g
+        adam.step()
+    return {"delta_l2_before_projection": raw, "delta_l2": float(delta.norm())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=sorted(MODELS), default="badnets")
@@ -57,6 +121,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--inner-on", choices=["clean", "triggered"], default="clean")
     ap.add_argument("--no-augment", action="store_true")
+    ap.add_argument("--notebook", action="store_true", help="replay the notebook's rounds (module doc)")
+    ap.add_argument("--checkpoint", type=Path, default=None,
+                    help="another model file with --model's trigger (e.g. a model of the engine's store)")
+    ap.add_argument("--normalize", choices=["none", "dataset"], default="none",
+                    help="the model's input normalisation: none (the release) or the dataset's (engine-trained)")
+    ap.add_argument("--project-each-step", action="store_true", help="with --notebook: project δ every step")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "ibau_release.jsonl")
     ap.add_argument("--note", default="")
     fields = DEFENSES.get("ibau").Params.model_fields
@@ -72,7 +142,8 @@ def main() -> None:
              for k, v in afiles.items()}
     attack = cls(cls.Params(**aparams), ds.info, a.seed, files=files)
     triggered = attack.triggered_test(ds.test)
-    model = load_checkpoint(create_model("vgg_small", 10, 3, 0.0, 1.0), RELEASE / f"{stem}_ckpt.pth")
+    norm = (0.0, 1.0) if a.normalize == "none" else (ds.info.mean, ds.info.std)
+    model = load_checkpoint(create_model("vgg_small", 10, 3, *norm), a.checkpoint or RELEASE / f"{stem}_ckpt.pth")
 
     over = {k: getattr(a, k) for k in fields if k != "clean_size" and getattr(a, k, None) is not None}
     params = DEFENSES.get("ibau").Params(clean_size=a.clean_size, augment=not a.no_augment, **over)
@@ -93,18 +164,27 @@ def main() -> None:
     before = measure(model)
     print(json.dumps({"round": "before", **before}), flush=True)
     t0 = time.perf_counter()
-    defense.apply(model, ctx)
+    if a.notebook:
+        stamped = to_uint8(attack.apply_trigger(to_float(clean.x)))
+        gen = torch.Generator().manual_seed(a.seed)
+        for rnd in range(params.rounds):
+            rec = notebook_round(model, clean, stamped, gen, a.project_each_step)
+            ctx.log(rnd, **rec, **measure(model))
+    else:
+        defense.apply(model, ctx)
     seconds = time.perf_counter() - t0
     for rec in ctx.history:
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()}), flush=True)
-    row = {"model": a.model, "inner_on": a.inner_on, "params": params.model_dump(), "before": before,
+    how = "notebook" if a.notebook else a.inner_on
+    row = {"model": a.model, "checkpoint": str(a.checkpoint or ""), "inner_on": how,
+           "project_each_step": a.project_each_step, "params": params.model_dump(), "before": before,
            "rounds": ctx.history, "after": {k: ctx.history[-1][k] for k in ("clean_acc", "asr")},
            "seconds": round(seconds, 1), "threads": torch.get_num_threads(), "note": a.note,
            "date": time.strftime("%Y-%m-%d %H:%M")}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     with a.out.open("a") as f:
         f.write(json.dumps(row) + "\n")
-    print(f"{a.model} inner on {a.inner_on}: CA {100 * before['clean_acc']:.1f} -> {100 * row['after']['clean_acc']:.1f}, "
+    print(f"{a.model} ({how}): CA {100 * before['clean_acc']:.1f} -> {100 * row['after']['clean_acc']:.1f}, "
           f"ASR {100 * before['asr']:.1f} -> {100 * row['after']['asr']:.1f} ({seconds:.0f} s)")
 
 

@@ -36,6 +36,21 @@ _TRAIN_DEFAULTS: dict[str, dict] = {}
 # with SGD 0.01 / momentum 0.9 / wd 5e-4 / cosine / 100 epochs / batch 128): results stay comparable.
 _LITERATURE = dict(epochs=100, batch_size=128, lr=0.01, momentum=0.9, weight_decay=5e-4, schedule="cosine")
 
+# Full-data recipes for the seed papers' own small models, fitted to a 2-core CPU (issue "The papers' own
+# setting"; every run in docs/benchmarks.md, "Full-data recipes", with benchmarks/recipe.py). One-cycle SGD
+# (airbench's schedule: a short linear warm-up, then a linear decay to 0) reaches in 16-28 epochs what the
+# literature's cosine from lr 0.01 needs ~100 for; batch 256 is the fastest per image on this CPU (512 and
+# 128 are slower); no label smoothing, so per-sample losses (ABL's isolation) keep their plain meaning.
+# The literature recipe is still one `train:` away (the docs give it for comparison).
+# vgg_small: dropout off while training (the authors' 0.3/0.4/0.4 cost 15% an epoch and trailed by 3-5 points
+# of CA at every evaluation of the same 15-epoch schedule) and a 2-pixel crop (airbench's translate; with it,
+# 16 epochs reached 83.2% where 15 with 4 pixels reached 82.5%: the two changes were not separated).
+_VGG_SMALL_RECIPE = dict(epochs=20, batch_size=256, lr=0.1, momentum=0.9, weight_decay=5e-4,
+                         schedule="onecycle", warmup=0.2, crop_pad=2, dropout=0.0, label_smoothing=0.0)
+# wrn16_1: lr 0.2 (the usual 0.1 at batch 128, scaled with the batch), 28 epochs: 85.5% in 19.1 minutes.
+_WRN16_1_RECIPE = dict(epochs=28, batch_size=256, lr=0.2, momentum=0.9, weight_decay=5e-4,
+                       schedule="onecycle", warmup=0.2, crop_pad=4, label_smoothing=0.0)
+
 
 def register(name: str, train: dict):
     """Register an architecture factory ``f(num_classes, in_channels) -> nn.Module`` with its defaults."""
@@ -277,7 +292,7 @@ class WideResNet(_Classifier):
         return [self.layers[(g + 1) * self.per_group - 1] for g in range(3)]  # the ends of the three groups
 
 
-@register("wrn16_1", _LITERATURE)
+@register("wrn16_1", _WRN16_1_RECIPE)
 def wrn16_1(num_classes: int, in_channels: int = 3) -> nn.Module:
     return WideResNet(16, 1, num_classes, in_channels)
 
@@ -323,7 +338,7 @@ class VGGSmall(_Classifier):
         return [m for m in self.features if isinstance(m, nn.MaxPool2d)]  # each stage ends in its pool
 
 
-@register("vgg_small", _LITERATURE)
+@register("vgg_small", _VGG_SMALL_RECIPE)
 def vgg_small(num_classes: int, in_channels: int = 3) -> nn.Module:
     return VGGSmall(num_classes, in_channels)
 

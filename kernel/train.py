@@ -42,8 +42,10 @@ class TrainConfig:
     label_smoothing: float = 0.0
     # Dropout probability of every nn.Dropout layer while this training runs (None: the architecture's
     # own). vgg_small's 0.3/0.4/0.4 regularise a 50-epoch run; a short full-data schedule converges
-    # faster without them (docs/benchmarks.md, "Full-data recipes"). The layers get their own rates back
-    # when fit returns, so later training (a defense's fine-tuning) sees the architecture as published.
+    # faster without them (docs/benchmarks.md, "Full-data recipes"). fit gives the layers their own rates
+    # back when it returns; the engine builds every model of a trial it trains at this rate
+    # (sweep.trial), so a defense's fine-tuning runs the network as it was trained, while a user's
+    # checkpoint keeps the architecture's rates, as its authors trained it.
     dropout: float | None = None
     # 'auto': bf16 autocast where the hardware computes bf16 natively (see mixed_precision), else fp32.
     precision: str = "auto"
@@ -205,16 +207,24 @@ def fit(
         return _fit(model, x, y, cfg, gen, device, loss_fn, on_epoch, batch_fn, opt, extra_optimizers)
 
 
+def set_dropout(model: nn.Module, p: float | None) -> list[float]:
+    """Set every dropout layer of ``model`` to rate ``p`` (no change for None); returns the old rates."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    rates = [m.p for m in layers]
+    if p is not None:
+        for m in layers:
+            m.p = p
+    return rates
+
+
 @contextmanager
 def _dropout(model: nn.Module, p: float | None):
     """Every dropout layer of ``model`` at rate ``p`` inside the block (no change for None)."""
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)] if p is not None else []
-    rates = [m.p for m in layers]
-    for m in layers:
-        m.p = p
+    rates = set_dropout(model, p)
     try:
         yield
     finally:
+        layers = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
         for m, r in zip(layers, rates):
             m.p = r
 

@@ -77,8 +77,9 @@ class TrainSpec(_Strict):
     augment: Optional[bool] = None
     crop_pad: Optional[int] = Field(None, ge=0)
     label_smoothing: Optional[float] = Field(None, ge=0, lt=1)
-    dropout: Optional[float] = Field(None, ge=0, lt=1, description="dropout rate while training the backdoored "
-                                                                   "model (default: the architecture's own)")
+    dropout: Optional[typing.Union[typing.Annotated[float, Field(ge=0, lt=1)], typing.Literal["architecture"]]] = Field(
+        None, description="dropout rate while training the backdoored model (default: the model's registered "
+        "recipe; 'architecture': the layers' own rates, e.g. vgg_small's 0.3/0.4/0.4)")
     precision: Optional[typing.Literal["auto", "fp32", "bf16"]] = Field(
         None, description="autocast dtype; 'auto' = bf16 where the GPU or CPU computes it natively")
 
@@ -410,6 +411,8 @@ def _variants(entries: list[dict], registry, section: str, context: dict, proble
 
 def resolve_train(spec: SweepSpec) -> dict:
     given = spec.train.model_dump(exclude_none=True)
+    if given.get("dropout") == "architecture":
+        given["dropout"] = None  # TrainConfig's None: leave the layers' rates alone
     return TrainConfig(**{**default_train(spec.model), **given}).as_dict()
 
 

@@ -22,7 +22,7 @@ from kernel.data import (Dataset, DatasetInfo, Split, dataset_info, load_dataset
                          stratified_indices)
 from kernel.metrics import evaluate
 from kernel.models import create_model
-from kernel.train import TrainConfig, fit
+from kernel.train import TrainConfig, fit, set_dropout
 from sweep.spec import Trial, Variant, content_hash, file_params
 from sweep.store import Store
 
@@ -123,7 +123,10 @@ def _run(trial: Trial, store: Store, root, download, device, out: Outcome) -> No
     def new_model():
         torch.manual_seed(seed)  # same init for a seed, whatever ran before in this process
         norm = trial.normalize or {"mean": info.mean, "std": info.std}
-        return create_model(trial.model, info.num_classes, info.shape[0], **norm)
+        m = create_model(trial.model, info.num_classes, info.shape[0], **norm)
+        if trial.checkpoint is None:  # the network as the recipe trains it: a defense's fine-tuning of a
+            set_dropout(m, cfg.dropout)  # model trained without dropout must not switch it on
+        return m
 
     def train_and_record(m, x, y, triggered, fit_it: bool = True) -> tuple[dict, dict]:
         """Train ``m`` on (x, y) (unless ``fit_it`` is False: already trained), measure it: a store product."""

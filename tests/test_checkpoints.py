@@ -283,3 +283,32 @@ def test_the_released_models_load_and_carry_their_backdoors():
         target = attack.params.target
         hit = (predict(model, attack.apply_trigger(x)) == target).float().mean().item()
         assert hit > 0.9, (name, hit)
+
+
+def test_the_trained_dropout_rate_holds_for_the_defense_and_a_checkpoint_keeps_its_own(tmp_path, monkeypatch):
+    """A model the engine trained without dropout (the full-data recipe's ``dropout: 0``) reaches the
+    defense with its dropout off, so a fine-tuning defense does not switch it on; a user's checkpoint keeps
+    the architecture's rates (its authors trained with them)."""
+    from defenses import DEFENSES
+
+    seen = []
+    cls = DEFENSES.get("finetune")
+    apply = cls.apply
+
+    def spy(self, model, ctx):
+        seen.append(sorted({m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}))
+        return apply(self, model, ctx)
+
+    monkeypatch.setattr(cls, "apply", spy)
+    base = {"name": "drop", "dataset": {"name": "synthetic", "train_size": 200, "test_size": 100},
+            "seeds": [0], "train": {"epochs": 1, "batch_size": 64, "dropout": 0.0},
+            "defenses": [{"name": "finetune", "clean_size": 50, "epochs": 1}]}
+    trained = {**base, "model": "vgg_small", "attacks": [{"name": "badnets"}]}
+    ckpt = tmp_path / "authors.pth"
+    torch.save({"net": _authors_vgg_state()}, ckpt)
+    theirs = {**base, "model": {"name": "vgg_small", "normalize": "none"},
+              "attacks": [{"name": "badnets", "checkpoint": str(ckpt)}]}
+    for spec in (trained, theirs):
+        rows = [execute(t, Store(tmp_path / "store")).row for t in expand(parse_spec(spec))]
+        assert [r["status"] for r in rows] == ["ok"], [r["error"] for r in rows]
+    assert seen == [[0.0], [0.3, 0.4]]

@@ -131,10 +131,20 @@ def test_default_train_is_a_valid_train_config(name):
 
 
 def test_literature_defaults_for_standard_models():
-    for name in ("preact_resnet18", "resnet18", "wrn16_1", "vgg_small"):
+    for name in ("preact_resnet18", "resnet18"):
         d = default_train(name)
         assert (d["lr"], d["momentum"], d["weight_decay"], d["schedule"], d["epochs"], d["batch_size"]) == (
             0.01, 0.9, 5e-4, "cosine", 100, 128)
+
+
+def test_the_seed_models_have_their_short_full_data_recipes():
+    # docs/benchmarks.md, "Full-data recipes": one-cycle at batch 256, no label smoothing (ABL reads
+    # per-sample losses); vgg_small trains without its dropout, which its layers keep for later use.
+    for name, epochs in (("vgg_small", 20), ("wrn16_1", 28)):
+        d = default_train(name)
+        assert (d["schedule"], d["batch_size"], d["epochs"], d["label_smoothing"]) == ("onecycle", 256, epochs, 0.0)
+    assert default_train("vgg_small")["dropout"] == 0.0 and "dropout" not in default_train("wrn16_1")
+    assert {m.p for m in create_model("vgg_small", 10).modules() if isinstance(m, torch.nn.Dropout)} == {0.3, 0.4}
 
 
 def test_registry_is_the_model_registry():

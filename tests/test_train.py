@@ -134,3 +134,18 @@ def test_a_training_dropout_rate_applies_while_fitting_and_is_given_back():
     assert seen[-1] == [0.3, 0.4, 0.4]  # None: untouched
     # a field added later stays out of the identity dict at its default, so older trial ids hold
     assert "dropout" not in TrainConfig().as_dict() and TrainConfig(dropout=0.0).as_dict()["dropout"] == 0.0
+
+
+def test_a_spec_takes_the_recipes_dropout_or_the_architectures():
+    from sweep.spec import SpecError, expand, parse_spec
+
+    def train_of(**train):
+        s = {"name": "x", "dataset": {"name": "synthetic", "train_size": 100, "test_size": 50}, "model": "vgg_small",
+             "seeds": [0], "train": train, "attacks": [{"name": "badnets"}], "defenses": [{"name": "none"}]}
+        return expand(parse_spec(s))[0].train
+
+    assert train_of()["dropout"] == 0.0  # vgg_small's registered recipe trains without it
+    assert train_of(dropout=0.2)["dropout"] == 0.2
+    assert "dropout" not in train_of(dropout="architecture")  # TrainConfig's None: the layers' own rates
+    with pytest.raises(SpecError, match="train.dropout"):
+        train_of(dropout=1.5)
