@@ -36,8 +36,8 @@ def main():
 @click.option("--max-concurrent", type=int, default=None, help="at most this many trials at once")
 @click.option("--quiet", is_flag=True, help="no progress line")
 @click.option("--seed", "seeds", type=int, multiple=True, help="run only this seed of the spec (repeatable)")
-@click.option("--attack", "attacks", multiple=True, help="run only this attack of the spec, by name (repeatable)")
-@click.option("--defense", "defenses", multiple=True, help="run only this defense of the spec, by name (repeatable)")
+@click.option("--attack", "attacks", multiple=True, help="run only this attack of the spec, by name; NAME#K: the K-th of that name (repeatable)")
+@click.option("--defense", "defenses", multiple=True, help="run only this defense of the spec, by name; NAME#K: the K-th of that name (repeatable)")
 def run(spec_path, results_dir, address, mlflow_uri, storage, retry_failed, max_concurrent, quiet, seeds, attacks,
         defenses):
     """Run the trials of SPEC that are not yet in RESULTS (with --seed/--attack/--defense: a piece of it;

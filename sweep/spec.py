@@ -560,26 +560,40 @@ def _altered(av: Variant, n_train: int, num_classes: int) -> int:
 
 
 def narrow(spec: SweepSpec, seeds=(), attacks=(), defenses=()) -> SweepSpec:
-    """A piece of ``spec``: only the given seeds, attacks and defenses (by name; empty: all). A trial's id
-    does not depend on what else its spec lists, so the piece's rows count for the whole spec: a long sweep
-    can be run piece by piece into one results directory (``sweep run --seed/--attack/--defense``)."""
+    """A piece of ``spec``: only the given seeds, attacks and defenses (by name; empty: all). ``NAME#K``
+    picks the K-th entry of that name (1-based), for a spec that lists a method twice (two BadNets
+    triggers). A trial's id does not depend on what else its spec lists, so the piece's rows count for the
+    whole spec: a long sweep can be run piece by piece into one results directory (``sweep run
+    --seed/--attack/--defense``)."""
     problems = []
-    for flag, given, have in (("--seed", seeds, spec.seeds), ("--attack", attacks, [a.get("name") for a in spec.attacks]),
-                              ("--defense", defenses, [d.get("name") for d in spec.defenses])):
-        for v in given:
-            if v not in have:
-                problems.append((flag, f"{v!r} is not in the spec's {flag[2:]}s ({', '.join(map(str, dict.fromkeys(have)))})"))
-    if problems:
-        raise SpecError(problems)
+    if unknown := [v for v in seeds if v not in spec.seeds]:
+        problems += [("--seed", f"{v!r} is not in the spec's seeds ({', '.join(map(str, spec.seeds))})") for v in unknown]
     update = {}
     if seeds:
         update["seeds"] = [s for s in spec.seeds if s in seeds]
-    if attacks:
-        update["attacks"] = [a for a in spec.attacks if a.get("name") in attacks]
-    if defenses:
-        update["defenses"] = [d for d in spec.defenses if d.get("name") in defenses]
-        if spec.search is not None and spec.search.defense_name not in defenses:
-            update["search"] = None
+    for flag, given, entries, field in (("--attack", attacks, spec.attacks, "attacks"),
+                                        ("--defense", defenses, spec.defenses, "defenses")):
+        if not given:
+            continue
+        names = [e.get("name") for e in entries]
+        keep = set()
+        for v in given:
+            name, _, k = str(v).partition("#")
+            at = [i for i, n in enumerate(names) if n == name]
+            if not at:
+                problems.append((flag, f"{v!r} is not in the spec's {field} ({', '.join(dict.fromkeys(names))})"))
+            elif not k:
+                keep.update(at)
+            elif not k.isdigit() or not 1 <= int(k) <= len(at):
+                problems.append((flag, f"{v!r}: the spec lists {len(at)} {name!r} entr{'y' if len(at) == 1 else 'ies'}; "
+                                       f"write {name}#1{f' to {name}#{len(at)}' if len(at) > 1 else ''}"))
+            else:
+                keep.add(at[int(k) - 1])
+        update[field] = [e for i, e in enumerate(entries) if i in keep]
+    if problems:
+        raise SpecError(problems)
+    if defenses and spec.search is not None and spec.search.defense_name not in {d.get("name") for d in update["defenses"]}:
+        update["search"] = None
     return spec.model_copy(update=update)
 
 

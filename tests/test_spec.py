@@ -192,6 +192,23 @@ def test_a_piece_of_a_spec_has_the_whole_specs_trial_ids():
     assert [f for f, _ in e.value.problems] == ["--seed", "--defense"]
 
 
+def test_a_piece_can_pick_one_of_two_entries_of_a_name():
+    from sweep.spec import narrow
+
+    raw = spec()
+    raw["attacks"] = [{"name": "badnets"}, {"name": "blend"}, {"name": "badnets", "patch_size": 4, "target": 8}]
+    whole = parse_spec(raw)
+    second = expand(narrow(whole, attacks=["badnets#2"], defenses=["none"]))
+    assert {(t.attack.params["patch_size"], t.attack.params["target"]) for t in second} == {(4, 8)}
+    assert {t.trial_id for t in second} <= {t.trial_id for t in expand(whole)}
+    both = expand(narrow(whole, attacks=["badnets"], defenses=["none"]))
+    assert {t.attack.params["target"] for t in both} == {0, 8}
+    for bad in ("badnets#3", "badnets#0", "badnets#x", "blend#2"):
+        with pytest.raises(SpecError) as e:
+            narrow(whole, attacks=[bad])
+        assert e.value.problems[0][0] == "--attack" and "#1" in e.value.problems[0][1]
+
+
 def test_cli_runs_a_piece_and_refuses_an_unknown_one(tmp_path):
     p = tmp_path / "spec.yaml"
     p.write_text(yaml.safe_dump(spec()))
