@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 from attacks import ATTACKS  # noqa: E402
 from defenses import DEFENSES  # noqa: E402
 from defenses.base import DefenseContext, draw_clean_set  # noqa: E402
-from defenses.ibau import implicit_hypergradient  # noqa: E402
+from defenses.ibau import implicit_hypergradient, project_l2  # noqa: E402
 from kernel.checkpoint import load_checkpoint  # noqa: E402
 from kernel.data import load_dataset, read_file  # noqa: E402
 from kernel.metrics import evaluate  # noqa: E402
@@ -65,7 +65,7 @@ MODELS = {  # file stem, attack, its parameters (the release's triggers), its fi
 }
 
 
-def notebook_round(model, clean, stamped, generator, project_each_step=False,
+def notebook_round(model, clean, stamped, generator, project_each_step=False, bound=10.0,
                    inner_batch=200, outer_batch=100, portion=0.01, K=5, fp_step=0.1, l2=1e-3) -> dict:
     """One round of the notebook's cell 13 on float images ``clean.x`` / ``stamped`` (see the module doc).
     ``project_each_step`` moves the L2 projection into the inner loop (what ``defenses.ibau`` does)."""
@@ -86,9 +86,9 @@ def notebook_round(model, clean, stamped, generator, project_each_step=False,
         opt.step()
         if project_each_step:
             with torch.no_grad():
-                delta.mul_(min(1.0, 10 / float(delta.norm())))
+                delta.copy_(project_l2(delta, bound))
     raw = float(delta.detach().norm())
-    delta = (delta * min(1.0, 10 / raw)).detach()
+    delta = project_l2(delta.detach(), bound)
     params = [q for q in model.parameters() if q.requires_grad]
     names = [k for k, q in model.named_parameters() if q.requires_grad]
     adam = torch.optim.Adam(params, lr=1e-3)
@@ -154,8 +154,9 @@ def main() -> None:
     params = DEFENSES.get("ibau").Params(clean_size=a.clean_size, augment=not a.no_augment, **over)
     defense = DEFENSES.get("ibau")(params)
     clean = draw_clean_set(pool, torch.empty(0, dtype=torch.long), a.clean_size, a.seed, 10)
-    if a.inner_on == "triggered":  # the notebook's poiloader: the same images, stamped with the trigger
-        stamped = to_uint8(attack.apply_trigger(to_float(clean.x)))
+    # the notebook's poiloader: the same images, stamped with the trigger
+    stamped = to_uint8(attack.apply_trigger(to_float(clean.x)))
+    if a.inner_on == "triggered":
         inner = defense._inner_max
         defense._inner_max = lambda m, x, gen, dev: inner(m, stamped.to(dev), gen, dev)
 
@@ -176,7 +177,6 @@ def main() -> None:
     print(json.dumps({"round": "before", **before}), flush=True)
     t0 = time.perf_counter()
     if a.notebook:
-        stamped = to_uint8(attack.apply_trigger(to_float(clean.x)))
         gen = torch.Generator().manual_seed(a.seed)
         for rnd in range(params.rounds):
             rec = notebook_round(model, clean, stamped, gen, a.project_each_step)

@@ -207,25 +207,24 @@ def fit(
         return _fit(model, x, y, cfg, gen, device, loss_fn, on_epoch, batch_fn, opt, extra_optimizers)
 
 
-def set_dropout(model: nn.Module, p: float | None) -> list[float]:
-    """Set every dropout layer of ``model`` to rate ``p`` (no change for None); returns the old rates."""
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
-    rates = [m.p for m in layers]
+def set_dropout(model: nn.Module, p: float | None) -> list[tuple[nn.Module, float]]:
+    """Set every dropout layer of ``model`` to rate ``p`` (no change for None); returns each layer with its
+    old rate, to give back."""
+    old = [(m, m.p) for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
     if p is not None:
-        for m in layers:
+        for m, _ in old:
             m.p = p
-    return rates
+    return old
 
 
 @contextmanager
 def _dropout(model: nn.Module, p: float | None):
     """Every dropout layer of ``model`` at rate ``p`` inside the block (no change for None)."""
-    rates = set_dropout(model, p)
+    old = set_dropout(model, p)
     try:
         yield
     finally:
-        layers = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
-        for m, r in zip(layers, rates):
+        for m, r in old:
             m.p = r
 
 
