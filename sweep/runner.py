@@ -70,9 +70,14 @@ def _trainable(config, *, ctx: dict):
     trial = Trial.from_dict(json.loads(config["trial"]))
     store = Store(ctx["store_root"], ctx["store_lock"])
 
+    def report_build(rec: dict) -> None:  # an epoch of a model build: the driver's progress line and ETA
+        tune.report({"build_json": json.dumps(rec)})
+
     def run():
+        # A searched trial reports nothing but its objective: ASHA counts every report as a step.
         return (ctx["body"] or execute)(trial, store, root=ctx["data_root"], download=ctx["download"],
-                                        device=torch.device("cuda" if use_gpu else "cpu"))
+                                        device=torch.device("cuda" if use_gpu else "cpu"),
+                                        progress=None if ctx.get("search") else report_build)
 
     extra = {}
     if ctx.get("search"):
@@ -497,12 +502,19 @@ class _Sink(Callback):
         self.running: set[str] = set()
         self.steps: dict[str, list] = {}  # searched trials in flight: their reported per-round records
         self.recorded: set[str] = set()  # Tune trials in flight whose row is recorded
+        self.building: dict[str, dict] = {}  # Tune trials in flight building a model: their last epoch record
         self.t0, self.last_print = time.monotonic(), 0.0
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         # Popped, not read: Tune keeps every trial's last result until the sweep ends, and rows, curves
         # and trigger images held 10,000 times over would make driver memory grow with the trial count.
         # (Tune lets callbacks modify the result in place.)
+        if "build_json" in result:  # an epoch of a model this trial builds
+            rec = json.loads(result.pop("build_json"))
+            self.eta.build_progress(getattr(trial, "trial_id", None), rec, time.monotonic())
+            self.building[getattr(trial, "trial_id", None)] = rec
+            self._progress()
+            return
         if "step_json" in result:  # a searched trial's running objective (sweep.search.reporting)
             self.steps.setdefault(getattr(trial, "trial_id", None), []).append(json.loads(result.pop("step_json")))
             return
@@ -523,6 +535,7 @@ class _Sink(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.running.discard(trial.trial_id)
+        self.building.pop(trial.trial_id, None)
         if trial.trial_id in self.recorded:
             self.recorded.discard(trial.trial_id)
             return
@@ -535,12 +548,14 @@ class _Sink(Callback):
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         self.running.discard(trial.trial_id)
+        self.building.pop(trial.trial_id, None)
         self.steps.pop(trial.trial_id, None)  # it starts over
         self.eta.abandon(trial.trial_id)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         # The worker died (not the trial's code, whose exceptions are rows): record it and go on.
         self.running.discard(trial.trial_id)
+        self.building.pop(trial.trial_id, None)
         self.steps.pop(trial.trial_id, None)
         t = Trial.from_dict(json.loads(trial.config["trial"]))
         from sweep.trial import base_row
@@ -561,6 +576,7 @@ class _Sink(Callback):
             self.eta.drop(model_key, defense, n)
 
     def _record(self, row, curves, artifacts, tune_id=None):
+        self.building.pop(tune_id, None)
         self.finished += 1
         self.failed += row["status"] == "failed"
         self.stopped += row["status"] == "stopped"
@@ -583,7 +599,12 @@ class _Sink(Callback):
         el = now - self.t0
         eta = self.eta.eta(now)
         stopped = f", {self.stopped} stopped early" if self.stopped else ""
-        line = (f"[sweep] {self.finished}/{self.total} done, {len(self.running)} running, {self.failed} failed"
+        running = f"{len(self.running)} running"
+        if self.building:  # the build furthest behind: what holds the sweep up
+            b = min(self.building.values(), key=lambda r: r["epoch"] / max(1, r["epochs"]))
+            more = f" and {len(self.building) - 1} more" if len(self.building) > 1 else ""
+            running += f" (building {b['model_key'][:8]}: epoch {b['epoch']}/{b['epochs']}{more})"
+        line = (f"[sweep] {self.finished}/{self.total} done, {running}, {self.failed} failed"
                 f"{stopped}, elapsed {format_seconds(el)}, eta {'?' if eta is None else format_seconds(eta)}")
         print(("\r" + line) if sys.stderr.isatty() else line, end="" if sys.stderr.isatty() else "\n",
               file=sys.stderr, flush=True)
@@ -657,6 +678,7 @@ class EtaEstimator:
     defense_secs: dict = field(default_factory=dict)  # name -> [seconds]
     build_secs: dict = field(default_factory=dict)  # model_key -> seconds
     overheads: list = field(default_factory=list)
+    build_proj: dict = field(default_factory=dict)  # id of a running builder -> its build's projected seconds
 
     def __post_init__(self):
         self.queued = Counter(self.queued)
@@ -677,8 +699,21 @@ class EtaEstimator:
         self.running[tid] = (now, model_key, defense, builds)
         self.peak = max(self.peak, len(self.running))
 
+    def build_progress(self, tid: str, rec: dict, now: float) -> None:
+        """A running trial reported an epoch of the model it builds: ``rec`` = {model_key, epoch (1-based),
+        epochs, seconds since the build began}. Its build is projected at its pace so far (seconds x
+        epochs / epoch): the ETA of a sweep's first hour, before any model has finished, comes from it."""
+        info = self.running.get(tid)
+        if info is None or rec.get("model_key") != info[1] or not rec.get("epoch") or not rec.get("epochs"):
+            return  # a build for another key (an attack's clean reference model): not this trial's own
+        if not info[3]:  # it builds after all (the store said otherwise when it started)
+            self.running[tid] = (*info[:3], True)
+            self.claimed.add(info[1])
+        self.build_proj[tid] = float(rec["seconds"]) * rec["epochs"] / rec["epoch"]
+
     def abandon(self, tid: str) -> None:
         """A trial that will start again (Tune retries it): back to the queue."""
+        self.build_proj.pop(tid, None)
         info = self.running.pop(tid, None)
         if info is not None:
             self.queued[(info[1], info[2])] += 1
@@ -689,6 +724,7 @@ class EtaEstimator:
         self.queued[(model_key, defense)] = max(0, self.queued[(model_key, defense)] - n)
 
     def finish(self, tid: str, row: dict, now: float) -> None:
+        self.build_proj.pop(tid, None)
         info = self.running.pop(tid, None)
         key, defense = row.get("model_key"), row.get("defense")
         if info is None and self.queued[(key, defense)] > 0:  # ended without a start we saw
@@ -714,11 +750,14 @@ class EtaEstimator:
         own = _mean(self.defense_secs.get(defense, ()))
         if own is not None:
             return own
+        if defense == "none":  # measures the model as it is: nothing to estimate from other defenses
+            return 0.0
         # No trial of this defense has finished: the kind's mean, never from ``none``'s rows (a defense
         # that does nothing says nothing of what one costs), and, for a queued trial (``now`` given), never
         # less than the longest-running trial of this defense has run so far.
-        running = max((now - st for st, _, d, _ in self.running.values() if d == defense), default=0.0) \
-            if now is not None else 0.0
+        # (A builder's time so far is mostly its build: it says nothing of the defense.)
+        running = max((now - st for st, _, d, b in self.running.values() if d == defense and not b),
+                      default=0.0) if now is not None else 0.0
         tt = defense in self.training_time
         seen = {d: xs for d, xs in self.defense_secs.items() if d != "none"}
         est = _mean(x for d, xs in seen.items() if (d in self.training_time) == tt for x in xs)
@@ -731,18 +770,21 @@ class EtaEstimator:
         return max(est, running)
 
     def build_time(self) -> Optional[float]:
-        b = _mean(self.build_secs.values())
-        if b is not None:
-            return b
+        """A model build: the mean of the builds finished, else of the running builds' projections."""
+        for b in (_mean(self.build_secs.values()), _mean(self.build_proj.values())):
+            if b is not None:
+                return b
         return _mean(x for d, xs in self.defense_secs.items() if d in self.training_time for x in xs)
 
-    def trial_time(self, defense: str, builds: bool, now: Optional[float] = None) -> Optional[float]:
+    def trial_time(self, defense: str, builds: bool, now: Optional[float] = None,
+                   build: Optional[float] = None) -> Optional[float]:
+        """``build``: this trial's own projected build (a running builder), in place of the mean."""
         d = self.defense_time(defense, now)
         if d is None:
             return None
         t = d + (_mean(self.overheads) or 0.0)
         if builds:
-            b = self.build_time()
+            b = build if build is not None else self.build_time()
             if b is None:
                 return None
             t += b
@@ -751,11 +793,12 @@ class EtaEstimator:
     def eta(self, now: float) -> Optional[float]:
         """Seconds until the last queued or running trial is expected to end; None when unknown."""
         loads = []
-        for start, _, defense, builds in self.running.values():
+        for tid, (start, _, defense, builds) in self.running.items():
             # what it has left: by finished trials, else (an unseen defense) at least what it has run
-            t = self.trial_time(defense, builds)
+            own = self.build_proj.get(tid)
+            t = self.trial_time(defense, builds, build=own)
             if t is None:
-                t = self.trial_time(defense, builds, now)
+                t = self.trial_time(defense, builds, now, build=own)
             if t is None:
                 return None
             loads.append(max(0.0, t - (now - start)))

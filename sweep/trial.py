@@ -9,6 +9,7 @@ import platform
 import time
 import traceback
 from dataclasses import dataclass, field
+from typing import Callable
 from datetime import datetime, timezone
 
 import torch
@@ -90,13 +91,16 @@ def base_row(trial: Trial) -> dict:
 
 
 def execute(trial: Trial, store: Store, *, root: str | None = None, download: bool = True,
-            device: torch.device | None = None) -> Outcome:
+            device: torch.device | None = None, progress: Callable[[dict], None] | None = None) -> Outcome:
+    """``progress``, when given, is called after every epoch of a model this trial trains for the store
+    with ``{"model_key", "epoch" (1-based), "epochs", "seconds"}`` (seconds since that training began):
+    an hour-long build is then not silent (the runner turns it into the progress line and the ETA)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = Outcome(base_row(trial))
     row = out.row
     row["device"] = str(device)
     try:
-        _run(trial, store, root, download, device, out)
+        _run(trial, store, root, download, device, out, progress)
         row["status"] = "ok"
     except Exception as e:  # noqa: BLE001 - any failure becomes a recorded row
         row["status"] = "failed"
@@ -110,7 +114,7 @@ def _with(product, **record):
     return tensors, {**rec, **record}
 
 
-def _run(trial: Trial, store: Store, root, download, device, out: Outcome) -> None:
+def _run(trial: Trial, store: Store, root, download, device, out: Outcome, progress=None) -> None:
     row, seed = out.row, trial.seed
     ds, test_pool = split_test(load_data(trial, root, download, store), trial.dataset)
     info = ds.info
@@ -128,11 +132,17 @@ def _run(trial: Trial, store: Store, root, download, device, out: Outcome) -> No
             set_dropout(m, cfg.dropout)  # model trained without dropout must not switch it on
         return m
 
-    def train_and_record(m, x, y, triggered, fit_it: bool = True) -> tuple[dict, dict]:
+    def train_and_record(m, x, y, triggered, fit_it: bool = True, key: str = trial.model_key) -> tuple[dict, dict]:
         """Train ``m`` on (x, y) (unless ``fit_it`` is False: already trained), measure it: a store product."""
         t0 = time.perf_counter()
-        hist = fit(m, x, y, cfg, seed=seed, device=device,
-                   on_epoch=lambda e, rec: rec.update(curve_metrics(m))) if fit_it else []
+
+        def on_epoch(e, rec):
+            rec.update(curve_metrics(m))
+            if progress is not None:
+                progress({"model_key": key, "epoch": e + 1, "epochs": cfg.epochs,
+                          "seconds": time.perf_counter() - t0})
+
+        hist = fit(m, x, y, cfg, seed=seed, device=device, on_epoch=on_epoch) if fit_it else []
         seconds = time.perf_counter() - t0
         metrics = evaluate(m, ds.test.x, ds.test.y, triggered, device)
         state = {k: v.detach().cpu() for k, v in m.state_dict().items()}
@@ -155,7 +165,8 @@ def _run(trial: Trial, store: Store, root, download, device, out: Outcome) -> No
             key = content_hash({"dataset": trial.dataset, "model": trial.model, "train": trial.train,
                                 "attack": Variant("none", {}).as_dict(), "seed": seed})
             state, _, _ = store.get_or_build(
-                "models", key, lambda: _with(train_and_record(new_model(), ds.train.x, ds.train.y, None), poisoned=0))
+                "models", key,
+                lambda: _with(train_and_record(new_model(), ds.train.x, ds.train.y, None, key=key), poisoned=0))
             m = new_model()
             m.load_state_dict(state)
             return m.to(device).eval().requires_grad_(False)  # attacks differentiate w.r.t. inputs only

@@ -133,3 +133,70 @@ def test_a_defense_not_seen_finishing_is_not_estimated_by_the_none_rows():
     # nothing of ANP has finished: each queued ANP trial takes at least what the running one has run
     assert eta.eta(2.0) == pytest.approx(2 * 1.0)
     assert eta.eta(61.0) == pytest.approx(2 * 60.0)  # the estimate grows with the evidence, not from 0 s
+
+
+def test_a_first_build_is_projected_at_its_own_pace():
+    """The first hour of a day-long sweep: no model has finished, so without the build's epochs the ETA is
+    unknown. With them each running build is projected at its pace (seconds x epochs / epoch) and the
+    queued models to build take the running builds' projections."""
+    eta = EtaEstimator([("m0", "none"), ("m1", "none")], slots=1)
+    eta.start("a", "m0", "none", 0.0)
+    assert eta.eta(60.0) is None  # no figure at all
+    eta.build_progress("a", {"model_key": "m0", "epoch": 5, "epochs": 20, "seconds": 300.0}, 300.0)
+    assert eta.build_proj["a"] == pytest.approx(1200.0)
+    # a: 1200 s build of which 300 run; m1's builder after it takes the same 1200 s
+    assert eta.eta(300.0) == pytest.approx(900.0 + 1200.0)
+    # the pace changes: the projection follows
+    eta.build_progress("a", {"model_key": "m0", "epoch": 10, "epochs": 20, "seconds": 800.0}, 800.0)
+    assert eta.eta(800.0) == pytest.approx(800.0 + 1600.0)
+    # an epoch of a model for another key (an attack's clean reference model) is not this trial's build
+    eta.build_progress("a", {"model_key": "ref", "epoch": 1, "epochs": 20, "seconds": 10.0}, 810.0)
+    assert eta.build_proj["a"] == pytest.approx(1600.0)
+    # once the build finishes, its measured time replaces the projections
+    eta.finish("a", row("m0", "none", start=0, defense_s=0.0, attack_s=1500.0, cached=False, overhead=0.0), 1500.0)
+    assert "a" not in eta.build_proj
+    assert eta.eta(1500.0) == pytest.approx(1500.0)
+
+
+def test_the_progress_line_names_the_build_and_its_epoch(capsys):
+    class W:
+        def add(self, r):
+            return False
+
+        def close(self):
+            pass
+
+    class Trial:
+        trial_id = "t0"
+        config = {"trial": '{"model_key": "b9bd9f6c500c932f", "defense": {"name": "none"}}'}
+
+    eta = EtaEstimator([("b9bd9f6c500c932f", "none")], slots=1)
+    sink = _Sink(W(), None, total=1, show=True, eta=eta)
+    sink.on_trial_start(0, [], Trial())
+    result = {"build_json": '{"model_key": "b9bd9f6c500c932f", "epoch": 7, "epochs": 20, "seconds": 70.0}'}
+    sink.on_trial_result(0, [], Trial(), result)
+    assert result == {}  # popped: Tune keeps no copy of it
+    sink._progress(force=True)
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "1 running (building b9bd9f6c: epoch 7/20)" in line, line
+    assert not line.endswith("eta ?"), line  # 13 of the build's 20 epochs at 10 s each are left
+    sink.on_trial_complete(0, [], Trial())
+    assert sink.building == {}
+
+
+def test_a_trial_reports_each_epoch_of_the_model_it_builds_and_none_of_a_cached_one(tmp_path):
+    from sweep.spec import expand, parse_spec
+    from sweep.store import Store
+    from sweep.trial import execute
+
+    spec = {"name": "progress", "dataset": {"name": "synthetic", "train_size": 200, "test_size": 50},
+            "model": "small_cnn", "train": {"epochs": 3}, "seeds": [0],
+            "attacks": [{"name": "badnets"}], "defenses": [{"name": "none"}]}
+    (trial,) = expand(parse_spec(spec))
+    store, seen = Store(tmp_path), []
+    row = execute(trial, store, progress=seen.append).row
+    assert row["status"] == "ok", row["error"]
+    assert [(r["model_key"], r["epoch"], r["epochs"]) for r in seen] == [(trial.model_key, e, 3) for e in (1, 2, 3)]
+    assert 0 < seen[0]["seconds"] <= seen[1]["seconds"] <= seen[2]["seconds"] <= row["attack_seconds"]
+    seen.clear()
+    assert execute(trial, store, progress=seen.append).row["attack_cached"] is True and seen == []
