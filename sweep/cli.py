@@ -113,13 +113,24 @@ def validate(spec_path):
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="report file (default: RESULTS/report/report.FORMAT; figures beside it for md/csv)")
 @click.option("--mlflow-uri", default=None, help="where the trials' trigger images are (default: RESULTS' store)")
-def report(results_dir, metrics, fmt, out, mlflow_uri):
+@click.option("--published", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="CSV of published figures to set beside ours (columns: attack, defense, optional attack.P / "
+                   "defense.P selectors, ca_before, asr_before, ca, asr in %, source, setting)")
+def report(results_dir, metrics, fmt, out, mlflow_uri, published):
     """The attack × defense tables (mean ± std over seeds, in %): printed, or as an md/html/csv report."""
-    from sweep.report import table, to_markdown, write_report
+    from sweep.report import published_table, read_published, table, to_markdown, write_report, frame_markdown
     from sweep.results import load
 
+    ref = None
+    if published:
+        try:
+            ref = read_published(published)
+        except ValueError as e:
+            click.echo(f"--published: {e}", err=True)
+            sys.exit(2)
     if fmt:
-        path = write_report(results_dir, fmt, out, mlflow_uri, metrics or ("clean_acc", "asr", "robust_acc", "der"))
+        path = write_report(results_dir, fmt, out, mlflow_uri, metrics or ("clean_acc", "asr", "robust_acc", "der"),
+                            published=published)
         click.echo(f"report written to {path}")
         return
     from sweep.report import search_summary
@@ -127,6 +138,8 @@ def report(results_dir, metrics, fmt, out, mlflow_uri):
 
     df = load(results_dir)
     click.echo(to_markdown(table(df, metrics or ("clean_acc", "asr"))))
+    if ref is not None:
+        click.echo("\nPublished figures beside ours (%, before → after):\n\n" + frame_markdown(published_table(df, ref)))
     saved = spec_of(results_dir)
     for text in search_summary(df, saved.search if saved is not None else None):
         click.echo("\n" + text)

@@ -106,6 +106,98 @@ def to_markdown(t: pd.DataFrame) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
+# Published numbers beside ours
+
+PUBLISHED_FIGURES = ("ca_before", "asr_before", "ca", "asr")  # a reference file's figures, in %
+
+
+def read_published(path) -> pd.DataFrame:
+    """A file of published figures to set beside a sweep's (CSV): one row per published cell, with columns
+    ``attack`` and ``defense`` (registry names), any ``attack.P`` / ``defense.P`` columns that pick our rows
+    by a parameter's value (an empty cell: any value), the figures ``ca_before``, ``asr_before``, ``ca``,
+    ``asr`` in % (any may be empty), and ``source`` (where the figure is printed, and in what setting).
+    Lines that start with ``#`` are comments. Raises ValueError naming what is missing or unknown."""
+    import io
+    from pathlib import Path
+
+    text = "".join(line for line in Path(path).read_text().splitlines(keepends=True)
+                   if not line.lstrip().startswith("#"))
+    ref = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    missing = [c for c in ("attack", "defense", "source") if c not in ref.columns]
+    unknown = [c for c in ref.columns if c not in ("attack", "defense", "source", "setting", *PUBLISHED_FIGURES)
+               and not c.startswith(("attack.", "defense."))]
+    if missing or unknown:
+        raise ValueError(f"{path}: " + "; ".join(
+            ([f"missing column(s) {', '.join(missing)}"] if missing else [])
+            + ([f"unknown column(s) {', '.join(unknown)} (figures: {', '.join(PUBLISHED_FIGURES)}; "
+                "selectors: attack.P, defense.P; text: source, setting)"] if unknown else [])))
+    for c in PUBLISHED_FIGURES:
+        if c in ref.columns:
+            bad = [v for v in ref[c] if v.strip() and not _is_number(v)]
+            if bad:
+                raise ValueError(f"{path}: column {c}: {bad[0]!r} is not a number (in %)")
+    return ref
+
+
+def _is_number(v: str) -> bool:
+    try:
+        float(v)
+        return True
+    except ValueError:
+        return False
+
+
+def published_table(df: pd.DataFrame, ref: pd.DataFrame) -> pd.DataFrame:
+    """Each published row beside our figures for the same attack, defense and parameters: our mean over
+    the matching successful trials (n: how many; seeds and any parameter the row leaves open pooled), the
+    before-defense figures from the same rows, and the CA drop on each side (compare drops where the data
+    differ, e.g. a JPEG copy of the test set)."""
+    ok = df[df.status == "ok"]
+    out = []
+    for _, r in ref.iterrows():
+        sel = (ok.attack.astype(str) == r["attack"]) & (ok.defense.astype(str) == r["defense"])
+        picks = []
+        for c in ref.columns:
+            if c.startswith(("attack.", "defense.")) and r[c].strip():
+                col = ok[c] if c in ok.columns else pd.Series(pd.NA, index=ok.index)
+                sel &= col.map(_value) == _value(_parse(r[c]))
+                picks.append(f"{c.split('.', 1)[1]}={r[c]}")
+        rows = ok[sel]
+        pub = {c: float(r[c]) if c in r and r[c].strip() else float("nan") for c in PUBLISHED_FIGURES}
+        ours = {"ca_before": rows.attack_clean_acc.mean() * 100, "asr_before": rows.attack_asr.mean() * 100,
+                "ca": rows.clean_acc.mean() * 100, "asr": rows.asr.mean() * 100} if len(rows) else \
+            dict.fromkeys(PUBLISHED_FIGURES, float("nan"))
+        rec = {"attack": r["attack"], "defense": r["defense"] + (f" ({', '.join(picks)})" if picks else "")}
+        for side, figs in (("published", pub), ("ours", ours)):
+            rec[f"{side} CA"] = _pair(figs["ca_before"], figs["ca"])
+            rec[f"{side} ASR"] = _pair(figs["asr_before"], figs["asr"])
+            rec[f"{side} ΔCA"] = _num(figs["ca"] - figs["ca_before"], signed=True)
+        rec["n"] = len(rows)
+        rec["source"] = r["source"] + (f"; {r['setting']}" if "setting" in r and r["setting"].strip() else "")
+        out.append(rec)
+    return pd.DataFrame(out)
+
+
+def _parse(v: str):
+    try:
+        f = float(v)
+        return int(f) if f.is_integer() else f
+    except ValueError:
+        return v
+
+
+def _num(v: float, signed: bool = False) -> str:
+    return "–" if pd.isna(v) else (f"{v:+.1f}" if signed else f"{v:.1f}")
+
+
+def _pair(before: float, after: float) -> str:
+    """'before → after' (either may be unknown)."""
+    if pd.isna(before):
+        return _num(after)
+    return f"{_num(before)} → {_num(after)}"
+
+
+# --------------------------------------------------------------------------------------------------
 # Report files: tables + figures as Markdown, HTML or CSV
 
 
@@ -155,8 +247,10 @@ def trigger_images(df: pd.DataFrame, uri: str, limit: int = 24) -> list[tuple[st
 
 
 def write_report(results_dir, fmt: str = "html", out=None, mlflow_uri: str | None = None,
-                 metrics=("clean_acc", "asr", "robust_acc", "der"), log_to_mlflow: bool = True):
+                 metrics=("clean_acc", "asr", "robust_acc", "der"), log_to_mlflow: bool = True,
+                 published=None):
     """Write the report of ``results_dir`` as ``fmt`` (md, html or csv); returns the main file's path.
+    ``published``: a file of published figures (:func:`read_published`), tabulated beside ours.
 
     Tables: one attack × defense table per metric (mean ± std over seeds, an Average row). Figures: each
     swept hyperparameter against ASR and CA, the CA-vs-ASR trade-off, and the recovered triggers found
@@ -208,6 +302,9 @@ def write_report(results_dir, fmt: str = "html", out=None, mlflow_uri: str | Non
         pngs[name] = buf.getvalue()
 
     tables = {m: table(df, (m,)) for m in metrics}
+    beside = published_table(df, read_published(published)) if published is not None else None
+    beside_head = ("Published figures beside ours (%; before → after the defense; ours: the mean over the n "
+                   "matching trials of this sweep)")
     search_parts = search_summary(df, search)
     n_ok, n_failed, n_stopped = (int((df.status == k).sum()) for k in ("ok", "failed", "stopped"))
     stopped = f", {n_stopped} stopped early by a search's scheduler" if n_stopped else ""
@@ -215,6 +312,8 @@ def write_report(results_dir, fmt: str = "html", out=None, mlflow_uri: str | Non
             "(%; DER in [0, 1]).")
     if fmt == "csv":
         _tidy(df, metrics).to_csv(main, index=False)
+        if beside is not None:
+            beside.to_csv(main.parent / "published.csv", index=False)
     if fmt in ("md", "csv"):
         for name, data in pngs.items():
             (main.parent / f"{name}.png").write_bytes(data)
@@ -222,6 +321,8 @@ def write_report(results_dir, fmt: str = "html", out=None, mlflow_uri: str | Non
         parts = [f"# {sweep_name}", "", head, ""]
         for m, t in tables.items():
             parts += [f"## {METRIC_NAMES[m]}", "", to_markdown(t), ""]
+        if beside is not None:
+            parts += ["## Published numbers beside ours", "", beside_head + ":", "", frame_markdown(beside), ""]
         for text in search_parts:
             parts += ["## Search", "", text, ""]
         parts += [f"![{name}]({name}.png)\n" for name in pngs]
@@ -237,6 +338,9 @@ def write_report(results_dir, fmt: str = "html", out=None, mlflow_uri: str | Non
             flat = t.copy()
             flat.columns = [d for d, _ in t.columns]
             parts += [f"<h2>{METRIC_NAMES[m]}</h2>", flat.to_html(classes=f"metric-{m}", border=0)]
+        if beside is not None:
+            parts += ["<h2>Published numbers beside ours</h2>", f"<p>{html.escape(beside_head)}.</p>",
+                      beside.to_html(classes="published", border=0, index=False)]
         for name in search_names(df):
             space = search.space if search is not None and search.label == name else None
             rows = df[df.search == name]
@@ -365,11 +469,11 @@ def search_summary(df: pd.DataFrame, search=None) -> list[str]:
         t = search_table(df, name, space)
         head = (f"{_objective_text(rows, name, search)}. Best finished trial per attack and seed "
                 "(CA, ASR, ΔCA in %; trials: ok / stopped early / failed):")
-        out.append(head + "\n\n" + _frame_markdown(t))
+        out.append(head + "\n\n" + frame_markdown(t))
     return out
 
 
-def _frame_markdown(t: pd.DataFrame) -> str:
+def frame_markdown(t: pd.DataFrame) -> str:
     if t.empty:
         return "(no trials)"
     lines = ["| " + " | ".join(map(str, t.columns)) + " |", "|" + "---|" * len(t.columns)]

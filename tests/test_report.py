@@ -53,7 +53,8 @@ class _Tables(HTMLParser):
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         if tag == "table":
-            self._cls = next(c for c in a.get("class", "").split() if c.startswith("metric-"))
+            classes = [c for c in a.get("class", "").split() if c != "dataframe"]  # pandas' own class
+            self._cls = next((c for c in classes if c.startswith("metric-")), classes[0] if classes else "table")
             self.tables[self._cls] = []
         elif tag == "tr" and self._cls:
             self._row = []
@@ -266,3 +267,61 @@ def test_trigger_images_from_read_only_arrays_log_without_warnings():
         img = _to_numpy_image(a)
     assert img.dtype == np.uint8 and img.shape == (8, 8, 3)
     np.testing.assert_array_equal(img, _to_numpy_image(t))
+
+
+PUBLISHED = """# a published cell per row; an empty selector matches any value
+attack,defense,defense.clean_size,ca_before,asr_before,ca,asr,source,setting
+badnets,finetune,50,84.94,97.64,83.08,9.36,a notebook,one round
+badnets,finetune,,,,80.0,5.0,a table,any clean size
+blend,ibau,,,,,50.53,BackdoorBench,PreAct-ResNet18
+wanet,ibau,,,,90.0,2.0,nowhere,no rows of ours
+"""
+
+
+def test_published_figures_sit_beside_the_mean_of_our_matching_rows(results, tmp_path):
+    from sweep.report import published_table, read_published
+    from sweep.results import load
+
+    (tmp_path / "pub.csv").write_text(PUBLISHED)
+    df = load(results)
+    t = published_table(df, read_published(tmp_path / "pub.csv"))
+    assert list(t.defense) == ["finetune (clean_size=50)", "finetune", "ibau", "ibau"]
+    ok = df[df.status == "ok"]
+    sel = ok[(ok.attack == "badnets") & (ok.defense == "finetune") & (ok["defense.clean_size"].astype(str) == "50")]
+    assert t.n.tolist() == [2, 4, 2, 0]  # two seeds; two seeds x two clean sizes; two seeds; none
+    r = t.iloc[0]
+    assert r["published CA"] == "84.9 → 83.1" and r["published ASR"] == "97.6 → 9.4"
+    assert r["published ΔCA"] == "-1.9"
+    assert r["ours CA"] == f"{sel.attack_clean_acc.mean() * 100:.1f} → {sel.clean_acc.mean() * 100:.1f}"
+    assert r["ours ASR"] == f"{sel.attack_asr.mean() * 100:.1f} → {sel.asr.mean() * 100:.1f}"
+    assert r["ours ΔCA"] == f"{(sel.clean_acc.mean() - sel.attack_clean_acc.mean()) * 100:+.1f}"
+    assert r.source == "a notebook; one round"
+    assert t.iloc[1]["published CA"] == "80.0" and t.iloc[1]["published ΔCA"] == "–"  # no before-figure
+    assert t.iloc[3]["ours CA"] == "–"  # nothing of ours to set beside it
+
+    out = tmp_path / "r.md"
+    r = CliRunner().invoke(main, ["report", str(results), "--format", "md", "--out", str(out),
+                                  "--published", str(tmp_path / "pub.csv")])
+    assert r.exit_code == 0, r.output
+    md = out.read_text()
+    assert "## Published numbers beside ours" in md and "| badnets | finetune (clean_size=50) | 84.9 → 83.1 |" in md
+    html_out = tmp_path / "r.html"
+    r = CliRunner().invoke(main, ["report", str(results), "--format", "html", "--out", str(html_out),
+                                  "--published", str(tmp_path / "pub.csv")])
+    assert r.exit_code == 0, r.output
+    p = _Tables()
+    p.feed(html_out.read_text())
+    assert p.tables["published"][1][:3] == ["badnets", "finetune (clean_size=50)", "84.9 → 83.1"]
+    r = CliRunner().invoke(main, ["report", str(results), "--published", str(tmp_path / "pub.csv")])
+    assert r.exit_code == 0 and "Published figures beside ours" in r.output
+
+
+@pytest.mark.parametrize("text,message", [
+    ("attack,defense,ca\nbadnets,ibau,80\n", "missing column(s) source"),
+    ("attack,defense,source,acc\nbadnets,ibau,x,80\n", "unknown column(s) acc"),
+    ("attack,defense,source,asr\nbadnets,ibau,x,low\n", "column asr: 'low' is not a number"),
+])
+def test_a_malformed_published_file_is_refused_naming_the_column(results, tmp_path, text, message):
+    (tmp_path / "bad.csv").write_text(text)
+    r = CliRunner().invoke(main, ["report", str(results), "--published", str(tmp_path / "bad.csv")])
+    assert r.exit_code == 2 and message in r.output, r.output
