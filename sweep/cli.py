@@ -100,7 +100,11 @@ def validate(spec_path):
                    f"{len(keys)} backdoored models")
         click.echo(f"  {describe(spec.search)}")
         return
-    click.echo(f"{spec.name}: {len(trials)} trials, {len(keys)} backdoored models")
+    ckpt = {t.model_key for t in trials if t.checkpoint is not None}
+    files = {t.checkpoint["path"] for t in trials if t.checkpoint is not None}
+    where = (f" ({len(keys) - len(ckpt)} to train, {len(files)} checkpoint file(s) read and measured once per "
+             f"seed)") if ckpt else ""
+    click.echo(f"{spec.name}: {len(trials)} trials, {len(keys)} backdoored models{where}")
 
 
 @main.command()

@@ -118,6 +118,17 @@ def test_a_checkpoint_spec_expands_and_its_key_is_the_file(tmp_path):
     assert {t.model_key for t in expand(parse_spec(_spec(tmp_path)))}.isdisjoint({t.model_key for t in trials})
 
 
+def test_validate_counts_checkpoint_files_apart_from_models_to_train(tmp_path):
+    s = _spec(tmp_path)
+    s["attacks"].append({"name": "blend"})  # trained by the engine
+    p = tmp_path / "spec.yaml"
+    p.write_text(yaml.safe_dump(s))
+    r = CliRunner().invoke(main, ["validate", str(p)])
+    assert r.exit_code == 0, r.output
+    assert "8 trials, 4 backdoored models (2 to train, 1 checkpoint file(s) read and measured once per seed)" \
+        in r.output
+
+
 def test_default_specs_keep_their_trial_ids(tmp_path):
     """normalize, clean_from and checkpoint enter a trial's identity only when used."""
     base = {"name": "t", "dataset": {"name": "synthetic", "train_size": 400}, "model": "small_cnn",
