@@ -210,10 +210,14 @@ def _tidy(df: pd.DataFrame, metrics) -> pd.DataFrame:
 
 def trigger_images(df: pd.DataFrame, uri: str, limit: int = 24) -> list[tuple[str, "object"]]:
     """Recovered triggers logged to MLflow by the sweep's trials: one per (attack, defense) variant."""
+    import os
     import tempfile
 
     import numpy as np
     from mlflow.tracking import MlflowClient
+
+    # one small PNG per variant: MLflow's per-download progress bar would print a line for each
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from PIL import Image
 
     ok = ordered(df[df.status == "ok"])
