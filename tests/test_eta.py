@@ -19,6 +19,16 @@ def row(key, defense, *, start, defense_s, attack_s=None, cached=None, status="o
             "finished_at": (T0 + timedelta(seconds=start + wall)).isoformat()}
 
 
+class _Writer:
+    """A results writer that keeps nothing (the progress line is what these tests read)."""
+
+    def add(self, r):
+        return False
+
+    def close(self):
+        pass
+
+
 def old_eta(elapsed, finished, total):
     """The estimate this replaces: the mean of finished trials times the trials left."""
     return elapsed / finished * (total - finished)
@@ -100,15 +110,8 @@ def test_unknown_until_a_figure_exists_then_fallbacks():
 
 
 def test_the_progress_line_shows_the_estimate(capsys):
-    class W:
-        def add(self, r):
-            return False
-
-        def close(self):
-            pass
-
     eta = EtaEstimator([("m0", "none")] * 3)
-    sink = _Sink(W(), None, total=4, show=True, eta=eta)
+    sink = _Sink(_Writer(), None, total=4, show=True, eta=eta)
     sink.tracker = type("T", (), {"log_many": lambda self, items: None})()
     r = row("m0", "none", start=0, defense_s=1.0, attack_s=5000.0, cached=False, overhead=0.0)
     sink._record({**r, "trial_id": "t0"}, {}, {}, "t0")
@@ -159,19 +162,12 @@ def test_a_first_build_is_projected_at_its_own_pace():
 
 
 def test_the_progress_line_names_the_build_and_its_epoch(capsys):
-    class W:
-        def add(self, r):
-            return False
-
-        def close(self):
-            pass
-
     class Trial:
         trial_id = "t0"
         config = {"trial": '{"model_key": "b9bd9f6c500c932f", "defense": {"name": "none"}}'}
 
     eta = EtaEstimator([("b9bd9f6c500c932f", "none")], slots=1)
-    sink = _Sink(W(), None, total=1, show=True, eta=eta)
+    sink = _Sink(_Writer(), None, total=1, show=True, eta=eta)
     sink.on_trial_start(0, [], Trial())
     result = {"build_json": '{"model_key": "b9bd9f6c500c932f", "epoch": 7, "epochs": 20, "seconds": 70.0}'}
     sink.on_trial_result(0, [], Trial(), result)
