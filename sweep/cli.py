@@ -87,10 +87,20 @@ def _run(spec, results_dir, address, mlflow_uri, storage, retry_failed, max_conc
 
 @main.command()
 @click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
-def validate(spec_path):
-    """Check SPEC and print how many trials and backdoored models it asks for."""
+@click.option("--results", "results_dir", default=None, type=click.Path(file_okay=False),
+              help="also say what of SPEC this results directory holds and what is left to run")
+@click.option("--storage", default=None, help="the model store to look in (default: RESULTS/store)")
+def validate(spec_path, results_dir, storage):
+    """Check SPEC and print how many trials and backdoored models it asks for (with --results: how many
+    are done, and what a `sweep run` would still run and build)."""
     spec, trials = _load_or_exit(spec_path)
     keys = {t.model_key for t in trials}
+    _describe(spec, trials, keys)
+    if results_dir is not None:
+        _left(trials, results_dir, storage)
+
+
+def _describe(spec, trials, keys) -> None:
     if spec.search is not None:
         from sweep.search import describe, groups
 
@@ -105,6 +115,31 @@ def validate(spec_path):
     where = (f" ({len(keys) - len(ckpt)} to train, {len(files)} checkpoint file(s) read and measured once per "
              f"seed)") if ckpt else ""
     click.echo(f"{spec.name}: {len(trials)} trials, {len(keys)} backdoored models{where}")
+
+
+def _left(trials, results_dir, storage) -> None:
+    """What of ``trials`` RESULTS holds, and what a run would still do, per defense (grid trials)."""
+    from collections import Counter
+
+    from sweep.results import load
+    from sweep.runner import _models_in_store, _training_time_defenses
+
+    try:
+        status = dict(zip(*load(results_dir)[["trial_id", "status"]].T.values))
+    except FileNotFoundError:
+        status = {}
+    mine = [status.get(t.trial_id) for t in trials]
+    todo = [t for t, st in zip(trials, mine) if st is None]
+    training_time = _training_time_defenses({t.defense.name for t in todo})
+    need = {t.model_key for t in todo if t.defense.name not in training_time}
+    have = _models_in_store(storage or str(Path(results_dir) / "store"), need)
+    per = Counter(t.defense.name for t in todo)
+    failed = mine.count("failed")
+    click.echo(f"  in {results_dir}: {mine.count('ok')} ok, {failed} failed"
+               + (" (run again with --retry-failed)" if failed else "")
+               + f", {mine.count('stopped')} stopped; {len(todo)} to run"
+               + (f" ({', '.join(f'{d} {n}' for d, n in per.most_common())})" if per else "")
+               + f"; models they need: {len(have)} in the store, {len(need - have)} to build")
 
 
 @main.command()

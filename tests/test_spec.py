@@ -1,5 +1,6 @@
 """Spec expansion and every refusal: a message naming the field, exit code 2, nothing written."""
 import copy
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -214,3 +215,30 @@ def test_cli_runs_a_piece_and_refuses_an_unknown_one(tmp_path):
     p.write_text(yaml.safe_dump(spec()))
     r = CliRunner().invoke(main, ["run", str(p), "--results", str(tmp_path / "out"), "--seed", "5"])
     assert r.exit_code == 2 and "--seed" in r.output and not (tmp_path / "out").exists()
+
+
+def test_cli_validate_with_results_says_what_is_left(tmp_path):
+    """A spec run in pieces: validate --results counts what is done and what a run would still run and build."""
+    from sweep.results import ResultsWriter, schema_for
+    from sweep.store import Store
+    from sweep.trial import base_row
+
+    p = tmp_path / "spec.yaml"
+    p.write_text(yaml.safe_dump(spec()))
+    trials = expand(parse_spec(spec()))
+    res = tmp_path / "res"
+    w = ResultsWriter(res, schema_for(trials, res))
+    for t, status in zip(trials[:3], ("ok", "ok", "failed")):
+        w.add({**base_row(t), "status": status})
+    w.close()
+    Store(res / "store").save("models", trials[0].model_key, {}, {"metrics": {}})  # one model built
+    r = CliRunner().invoke(main, ["validate", str(p), "--results", str(res)])
+    assert r.exit_code == 0, r.output
+    left = trials[3:]
+    keys = {t.model_key for t in left}  # (the spec has no training-time defense: every trial needs its model)
+    per = ", ".join(f"{d} {n}" for d, n in Counter(t.defense.name for t in left).most_common())
+    assert f"2 ok, 1 failed (run again with --retry-failed), 0 stopped; {len(left)} to run ({per})" in r.output
+    assert f"models they need: {int(trials[0].model_key in keys)} in the store, " \
+           f"{len(keys) - int(trials[0].model_key in keys)} to build" in r.output
+    r = CliRunner().invoke(main, ["validate", str(p), "--results", str(tmp_path / "empty")])
+    assert r.exit_code == 0 and f"0 ok, 0 failed, 0 stopped; {len(trials)} to run" in r.output
