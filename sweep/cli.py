@@ -1,6 +1,7 @@
 """The ``sweep`` command: run, resume, validate, report, ui, list."""
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -38,8 +39,11 @@ def main():
 @click.option("--seed", "seeds", type=int, multiple=True, help="run only this seed of the spec (repeatable)")
 @click.option("--attack", "attacks", multiple=True, help="run only this attack of the spec, by name; NAME#K: the K-th of that name (repeatable)")
 @click.option("--defense", "defenses", multiple=True, help="run only this defense of the spec, by name; NAME#K: the K-th of that name (repeatable)")
+@click.option("--time-limit", default=None, callback=lambda ctx, param, v: _duration(v), metavar="DURATION",
+              help="start no trial expected to end later than this from now (90m, 2h30m, 3600): a piece that "
+                   "fits a session or a reservation; the next run takes the rest")
 def run(spec_path, results_dir, address, mlflow_uri, storage, retry_failed, max_concurrent, quiet, seeds, attacks,
-        defenses):
+        defenses, time_limit):
     """Run the trials of SPEC that are not yet in RESULTS (with --seed/--attack/--defense: a piece of it;
     the rest runs later into the same RESULTS)."""
     spec, trials = _load_or_exit(spec_path)
@@ -50,7 +54,23 @@ def run(spec_path, results_dir, address, mlflow_uri, storage, retry_failed, max_
             for field, msg in e.problems:
                 click.echo(f"  {field}: {msg}", err=True)
             sys.exit(2)
-    _run(spec, results_dir, address, mlflow_uri, storage, retry_failed, max_concurrent, quiet)
+    _run(spec, results_dir, address, mlflow_uri, storage, retry_failed, max_concurrent, quiet, time_limit)
+
+
+def _duration(v):
+    """'90m', '2h30m', '1.5h', '45s', '3600' (seconds) -> seconds; None -> None."""
+    if v is None:
+        return None
+    import pandas as pd
+
+    try:
+        text = re.sub(r"(\d)d", r"\1D", str(v).strip())  # days: pandas wants 'D'
+        seconds = float(text) if text.replace(".", "", 1).isdigit() else pd.Timedelta(text).total_seconds()
+    except ValueError:
+        raise click.BadParameter(f"{v!r} is not a duration (for example 90m, 2h30m, 3600)")
+    if seconds <= 0:
+        raise click.BadParameter(f"{v!r} is not a positive duration")
+    return seconds
 
 
 @main.command()
@@ -59,26 +79,30 @@ def run(spec_path, results_dir, address, mlflow_uri, storage, retry_failed, max_
 @click.option("--mlflow-uri", default=None)
 @click.option("--storage", default=None)
 @click.option("--quiet", is_flag=True)
-def resume(results_dir, address, mlflow_uri, storage, quiet):
+@click.option("--time-limit", default=None, callback=lambda ctx, param, v: _duration(v), metavar="DURATION",
+              help="as for run")
+def resume(results_dir, address, mlflow_uri, storage, quiet, time_limit):
     """Finish the sweep in RESULTS (its spec.yaml) after its driver died: runs only missing trials."""
     spec, _ = _load_or_exit(str(Path(results_dir) / "spec.yaml"))
-    _run(spec, results_dir, address, mlflow_uri, storage, False, None, quiet)
+    _run(spec, results_dir, address, mlflow_uri, storage, False, None, quiet, time_limit)
 
 
-def _run(spec, results_dir, address, mlflow_uri, storage, retry_failed, max_concurrent, quiet):
+def _run(spec, results_dir, address, mlflow_uri, storage, retry_failed, max_concurrent, quiet, time_limit=None):
     from sweep.report import search_summary, table, to_markdown
     from sweep.results import load
     from sweep.runner import run_sweep
 
     try:
         s = run_sweep(spec, results_dir, address=address, mlflow_uri=mlflow_uri, storage=storage,
-                      retry_failed=retry_failed, max_concurrent=max_concurrent, progress=not quiet)
+                      retry_failed=retry_failed, max_concurrent=max_concurrent, progress=not quiet,
+                      time_limit=time_limit)
     except SpecError as e:  # data that is missing or malformed, found before any trial started
         for field, msg in e.problems:
             click.echo(f"{field}: {msg}", err=True)
         sys.exit(2)
+    left = f", {s.left} left for the next run (time limit)" if s.left else ""
     click.echo(f"sweep {spec.name}: {s.trials} trials, {s.skipped} already done, {s.ran} ran "
-               f"({s.failed} failed) in {s.seconds:.0f}s -> {results_dir}")
+               f"({s.failed} failed){left} in {s.seconds:.0f}s -> {results_dir}")
     df = load(results_dir)
     click.echo(to_markdown(table(df)))
     for text in search_summary(df, spec.search):  # a search's best configuration per attack

@@ -51,6 +51,7 @@ class Summary:
     ran: int
     failed: int
     seconds: float
+    left: int = 0  # not started: the time limit would have been passed (a later run takes them)
 
 
 def _trainable(config, *, ctx: dict):
@@ -95,9 +96,13 @@ def _trainable(config, *, ctx: dict):
 
 def run_sweep(spec: SweepSpec, results_dir: str | Path, *, address: str | None = None,
               mlflow_uri: str | None = None, storage: str | None = None, retry_failed: bool = False,
-              max_concurrent: int | None = None, progress: bool = True, body=None) -> Summary:
+              max_concurrent: int | None = None, progress: bool = True, body=None,
+              time_limit: float | None = None) -> Summary:
     """Run every trial of ``spec`` not yet in ``results_dir``, then what its search has left of its budget.
     The spec is fully validated first.
+
+    ``time_limit`` (seconds from the call): start no trial expected to end after it (:class:`Gate`); the
+    trials left are counted in ``Summary.left`` and a later run, with the same spec, takes them.
 
     ``body`` replaces :func:`sweep.trial.execute` as what a trial does (same signature, a picklable
     module-level function): benchmarks/sweep_overhead.py uses it to time the engine around a trivial body.
@@ -137,16 +142,22 @@ def run_sweep(spec: SweepSpec, results_dir: str | Path, *, address: str | None =
                        training_time=_training_time_defenses({d for _, d in queued}), slots=cap)
     del trials, queued  # from here on each trial is held once: in ``todo`` until Tune takes it, then by Tune
     sink = _Sink(writer, tracker, total=n_todo + n_search, show=progress, eta=eta, search=spec.search)
+    gate = Gate(t_start + time_limit, eta, sink) if time_limit is not None else None
     status, ran_search = "FINISHED", 0
     try:
         if not todo and not n_search:
             tracker.wait_ready()
         if todo:
-            _tune(spec, todo, results_dir, sink, address=address, store_root=store_root, max_concurrent=cap, body=body)
+            _tune(spec, todo, results_dir, sink, address=address, store_root=store_root, max_concurrent=cap, body=body,
+                  gate=gate)
         for g in groups:
+            if gate is not None and gate.closed():
+                gate.refused += budgets[g.key]
+                sink.drop_queued(g.key, g.search.defense_name, budgets[g.key])
+                continue
             ran_search += _search(spec, g, results_dir, sink, address=address, store_root=store_root,
                                   max_concurrent=_search_concurrency(spec.search, spec.max_concurrent, max_concurrent),
-                                  retry_failed=retry_failed, body=body)
+                                  retry_failed=retry_failed, body=body, gate=gate)
     except BaseException:
         status = "KILLED"
         raise
@@ -155,8 +166,9 @@ def run_sweep(spec: SweepSpec, results_dir: str | Path, *, address: str | None =
         tracker.close(status)
     if groups:
         search_mod.write_ranks(results_dir)
-    ran = n_todo + ran_search
-    return Summary(n_spec, n_spec - ran, ran, sink.failed, time.monotonic() - t_start)
+    left = gate.refused if gate is not None else 0
+    ran = n_todo + ran_search - (gate.grid_refused if gate is not None else 0)
+    return Summary(n_spec, n_spec - ran - left, ran, sink.failed, time.monotonic() - t_start, left)
 
 
 def _with_search_columns(schema):
@@ -265,7 +277,7 @@ def _drop_empty_trial_dirs(tune_dir: Path) -> None:
 
 
 def _tune(spec: SweepSpec, todo: list[Trial], results_dir: Path, sink, *, address, store_root, max_concurrent,
-          body=None):
+          body=None, gate: "Gate | None" = None):
     from ray import tune
 
     _init_ray(address)
@@ -277,11 +289,16 @@ def _tune(spec: SweepSpec, todo: list[Trial], results_dir: Path, sink, *, addres
     # free slots between chunks, a few seconds each).
     chunk = int(os.environ.get("BDSWEEP_TUNE_CHUNK", 2000))
     while todo:
+        if gate is not None and gate.closed():  # past the time limit: no chunk to start
+            for t in todo:
+                gate.admits(t.model_key, t.defense.name)  # refused and counted
+            todo.clear()
+            break
         part = todo[:chunk]  # in spec order (models interleaved: see expand)
         del todo[:chunk]  # held once: by ``todo`` until a chunk takes it, then by that chunk's feed
         tuner = tune.Tuner(
             trainable,
-            tune_config=tune.TuneConfig(search_alg=_Feed(part), num_samples=len(part),
+            tune_config=tune.TuneConfig(search_alg=_Feed(part, gate), num_samples=len(part),
                                         max_concurrent_trials=max_concurrent, reuse_actors=True,
                                         trial_dirname_creator=lambda t: t.trial_id),
             run_config=_run_config(spec, results_dir, sink),
@@ -292,7 +309,7 @@ def _tune(spec: SweepSpec, todo: list[Trial], results_dir: Path, sink, *, addres
 
 
 def _search(spec: SweepSpec, group, results_dir: Path, sink, *, address, store_root, max_concurrent,
-            retry_failed: bool, body=None) -> int:
+            retry_failed: bool, body=None, gate: "Gate | None" = None) -> int:
     """Run what is left of one group's search budget (its finished trials told to the searcher first);
     returns the number of trials run."""
     from ray import tune
@@ -305,7 +322,7 @@ def _search(spec: SweepSpec, group, results_dir: Path, sink, *, address, store_r
         return 0
     _init_ray(address)
     sink.tracker.wait_ready()
-    feed = SearchFeed(group, make_searcher(spec.search, hist.points), hist.known, left)
+    feed = SearchFeed(group, make_searcher(spec.search, hist.points), hist.known, left, gate=gate)
     tuner = tune.Tuner(
         _with_resources(spec, store_root, body, search=spec.search.model_dump(mode="json")),
         tune_config=tune.TuneConfig(search_alg=ConcurrencyLimiter(feed, max_concurrent=max_concurrent),
@@ -317,6 +334,8 @@ def _search(spec: SweepSpec, group, results_dir: Path, sink, *, address, store_r
     del tuner
     _drop_empty_trial_dirs(results_dir / "ray" / spec.name)
     sink.drop_queued(group.key, group.search.defense_name, left - feed.given)  # a space exhausted early
+    if feed.gated:  # the time limit ended the group: what it had left waits for the next run
+        gate.refused += left - feed.given
     return feed.given
 
 
@@ -395,15 +414,21 @@ class SearchFeed(Searcher):
     a row the space is taken as exhausted and the group ends. ``on_trial_result`` passes the running
     objective on (Optuna records it as the trial's intermediate values)."""
 
-    def __init__(self, group, inner: Searcher, known: dict, budget: int, max_retries: int = 100):
+    def __init__(self, group, inner: Searcher, known: dict, budget: int, max_retries: int = 100,
+                 gate: "Gate | None" = None):
         super().__init__(metric="objective", mode=group.search.objective.mode)
         self.group, self.inner, self.known = group, inner, dict(known)
-        self.budget, self.max_retries = budget, max_retries
+        self.budget, self.max_retries, self.gate = budget, max_retries, gate
         self.given = self.skipped = 0
+        self.gated = False  # the time limit ended this group
         self.live: dict[str, tuple[str, str]] = {}  # Tune's trial id -> (inner's trial id, our trial id)
 
     def suggest(self, trial_id):
-        if self.given >= self.budget:
+        if self.given >= self.budget or self.gated:
+            return Searcher.FINISHED
+        if self.gate is not None and not self.gate.admits(self.group.key, self.group.search.defense_name,
+                                                          count=False):
+            self.gated = True
             return Searcher.FINISHED
         in_flight = {tid for _, tid in self.live.values()}
         for attempt in range(self.max_retries):
@@ -459,6 +484,33 @@ def _quiet_console():
     return Quiet()
 
 
+class Gate:
+    """The time limit of a run: a trial is started only while it is expected to end before ``deadline``
+    (monotonic seconds), by the progress line's estimate for its kind (:class:`EtaEstimator`; a trial with no
+    estimate yet is started while the deadline is ahead). A refused trial is not run and not counted as
+    queued; each trial is asked about once, so a long one refused near the end does not hold back a short
+    one after it. Trials running at the deadline are not stopped."""
+
+    def __init__(self, deadline: float, eta: "EtaEstimator", sink: "_Sink | None" = None, clock=time.monotonic):
+        self.deadline, self.eta, self.sink, self.clock = deadline, eta, sink, clock
+        self.refused = 0  # trials left for a later run (grid and searched)
+        self.grid_refused = 0
+
+    def closed(self) -> bool:
+        return self.clock() >= self.deadline
+
+    def admits(self, model_key: str, defense: str, count: bool = True) -> bool:
+        now = self.clock()
+        est = self.eta.estimate(model_key, defense, now) if now < self.deadline else None
+        ok = now < self.deadline and (est is None or now + est <= self.deadline)
+        if not ok and count:  # a grid trial: counted here (a search's group counts what it had left)
+            self.refused += 1
+            self.grid_refused += 1
+            if self.sink is not None:
+                self.sink.drop_queued(model_key, defense, 1)
+        return ok
+
+
 class _Feed(Searcher):
     """Hands Tune the sweep's trials one at a time, each config just its own trial.
 
@@ -468,15 +520,20 @@ class _Feed(Searcher):
     trial once, in Tune's own record of it.
     """
 
-    def __init__(self, trials: list[Trial]):
+    def __init__(self, trials: list[Trial], gate: "Gate | None" = None):
         super().__init__()
         self._left = trials
         self._left.reverse()  # in place, and popped from the end: spec order, and no second list
+        self.gate = gate
 
     def suggest(self, trial_id):
         # As a JSON string: Tune deep-copies, flattens and formats every config into a name, and one
         # string is cheap for all three where the nested trial dict is not.
-        return {"trial": json.dumps(self._left.pop().as_dict())} if self._left else Searcher.FINISHED
+        while self._left:
+            t = self._left.pop()
+            if self.gate is None or self.gate.admits(t.model_key, t.defense.name):
+                return {"trial": json.dumps(t.as_dict())}
+        return Searcher.FINISHED
 
     def on_trial_complete(self, trial_id, result=None, error=False):
         pass  # nothing to learn: every trial is run exactly once
@@ -789,6 +846,13 @@ class EtaEstimator:
                 return None
             t += b
         return t
+
+    def estimate(self, model_key: str, defense: str, now: float) -> Optional[float]:
+        """Seconds a queued trial is expected to take if it starts now (its build included when no model
+        for its key is in the store or being built); None when unknown."""
+        builds = defense not in self.training_time and model_key not in self.have_models \
+            and model_key not in self.claimed
+        return self.trial_time(defense, builds, now)
 
     def eta(self, now: float) -> Optional[float]:
         """Seconds until the last queued or running trial is expected to end; None when unknown."""
