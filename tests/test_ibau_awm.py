@@ -108,6 +108,7 @@ def test_registered_with_validated_defaults():
     assert DEFENSES.get("ibau") is IBAU and DEFENSES.get("awm") is AWM
     ib, aw = IBAUParams(), AWMParams()
     assert (ib.rounds, ib.K, ib.lr) == (5, 5, 1e-3)
+    assert (ib.portion, ib.augment) == (0.01, False)  # the code's; re-decided in docs/seeds_cifar10.md
     assert (aw.rounds, aw.inner, aw.alpha, aw.beta, aw.gamma, aw.trigger_norm, aw.clean_size) == (10, 5, 0.9, 0.1, 1e-8, 1000.0, 500)
     assert IBAU.uses_clean_set() and AWM.uses_clean_set()
     assert IBAUParams(clean_size="one_shot").clean_size == "one_shot"
