@@ -312,6 +312,10 @@ def test_published_figures_sit_beside_the_mean_of_our_matching_rows(results, tmp
     p = _Tables()
     p.feed(html_out.read_text())
     assert p.tables["published"][1][:3] == ["badnets", "finetune (clean_size=50)", "84.9 → 83.1"]
+    r = CliRunner().invoke(main, ["report", str(results), "--format", "csv", "--out", str(tmp_path / "r.csv"),
+                                  "--published", str(tmp_path / "pub.csv")])
+    assert r.exit_code == 0, r.output
+    assert pd.read_csv(tmp_path / "published.csv").n.tolist() == [2, 4, 2, 0]  # beside the csv report
     r = CliRunner().invoke(main, ["report", str(results), "--published", str(tmp_path / "pub.csv")])
     assert r.exit_code == 0 and "Published figures beside ours" in r.output
 
