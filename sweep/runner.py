@@ -489,7 +489,9 @@ class Gate:
     (monotonic seconds), by the progress line's estimate for its kind (:class:`EtaEstimator`; a trial with no
     estimate yet is started while the deadline is ahead). A refused trial is not run and not counted as
     queued; each trial is asked about once, so a long one refused near the end does not hold back a short
-    one after it. Trials running at the deadline are not stopped."""
+    one after it. Trials running at the deadline are not stopped. Tune asks for a trial when it queues one,
+    which with this engine's searchers is when a slot frees or, with no ``max_concurrent``, one trial ahead
+    (Tune keeps one pending trial for a custom searcher): the estimate is that much early."""
 
     def __init__(self, deadline: float, eta: "EtaEstimator", sink: "_Sink | None" = None, clock=time.monotonic):
         self.deadline, self.eta, self.sink, self.clock = deadline, eta, sink, clock
