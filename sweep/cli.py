@@ -22,6 +22,28 @@ def _load_or_exit(spec_path: str):
         sys.exit(2)
 
 
+def _duration(v):
+    """'90m', '2h30m', '1.5h', '45s', '3600' (seconds) -> seconds; None -> None."""
+    if v is None:
+        return None
+    import pandas as pd
+
+    try:
+        text = re.sub(r"(\d)d", r"\1D", str(v).strip())  # days: pandas wants 'D'
+        seconds = float(text) if text.replace(".", "", 1).isdigit() else pd.Timedelta(text).total_seconds()
+    except ValueError:
+        raise click.BadParameter(f"{v!r} is not a duration (for example 90m, 2h30m, 3600)")
+    if seconds <= 0:
+        raise click.BadParameter(f"{v!r} is not a positive duration")
+    return seconds
+
+
+_time_limit_option = click.option(
+    "--time-limit", default=None, callback=lambda ctx, param, v: _duration(v), metavar="DURATION",
+    help="start no trial expected to end later than this from now (90m, 2h30m, 3600): a piece that fits a "
+         "session or a reservation; the next run takes the rest")
+
+
 @click.group()
 def main():
     """Backdoor-robustness sweeps: attacks × defenses × hyperparameters × seeds on Ray Tune."""
@@ -39,9 +61,7 @@ def main():
 @click.option("--seed", "seeds", type=int, multiple=True, help="run only this seed of the spec (repeatable)")
 @click.option("--attack", "attacks", multiple=True, help="run only this attack of the spec, by name; NAME#K: the K-th of that name (repeatable)")
 @click.option("--defense", "defenses", multiple=True, help="run only this defense of the spec, by name; NAME#K: the K-th of that name (repeatable)")
-@click.option("--time-limit", default=None, callback=lambda ctx, param, v: _duration(v), metavar="DURATION",
-              help="start no trial expected to end later than this from now (90m, 2h30m, 3600): a piece that "
-                   "fits a session or a reservation; the next run takes the rest")
+@_time_limit_option
 def run(spec_path, results_dir, address, mlflow_uri, storage, retry_failed, max_concurrent, quiet, seeds, attacks,
         defenses, time_limit):
     """Run the trials of SPEC that are not yet in RESULTS (with --seed/--attack/--defense: a piece of it;
@@ -57,30 +77,13 @@ def run(spec_path, results_dir, address, mlflow_uri, storage, retry_failed, max_
     _run(spec, results_dir, address, mlflow_uri, storage, retry_failed, max_concurrent, quiet, time_limit)
 
 
-def _duration(v):
-    """'90m', '2h30m', '1.5h', '45s', '3600' (seconds) -> seconds; None -> None."""
-    if v is None:
-        return None
-    import pandas as pd
-
-    try:
-        text = re.sub(r"(\d)d", r"\1D", str(v).strip())  # days: pandas wants 'D'
-        seconds = float(text) if text.replace(".", "", 1).isdigit() else pd.Timedelta(text).total_seconds()
-    except ValueError:
-        raise click.BadParameter(f"{v!r} is not a duration (for example 90m, 2h30m, 3600)")
-    if seconds <= 0:
-        raise click.BadParameter(f"{v!r} is not a positive duration")
-    return seconds
-
-
 @main.command()
 @click.argument("results_dir", metavar="RESULTS", type=click.Path(exists=True, file_okay=False))
 @click.option("--address", default=None)
 @click.option("--mlflow-uri", default=None)
 @click.option("--storage", default=None)
 @click.option("--quiet", is_flag=True)
-@click.option("--time-limit", default=None, callback=lambda ctx, param, v: _duration(v), metavar="DURATION",
-              help="as for run")
+@_time_limit_option
 def resume(results_dir, address, mlflow_uri, storage, quiet, time_limit):
     """Finish the sweep in RESULTS (its spec.yaml) after its driver died: runs only missing trials."""
     spec, _ = _load_or_exit(str(Path(results_dir) / "spec.yaml"))

@@ -133,18 +133,10 @@ def read_published(path) -> pd.DataFrame:
                 "selectors: attack.P, defense.P; text: source, setting)"] if unknown else [])))
     for c in PUBLISHED_FIGURES:
         if c in ref.columns:
-            bad = [v for v in ref[c] if v.strip() and not _is_number(v)]
+            bad = [v for v in ref[c] if v.strip() and isinstance(_parse(v), str)]
             if bad:
                 raise ValueError(f"{path}: column {c}: {bad[0]!r} is not a number (in %)")
     return ref
-
-
-def _is_number(v: str) -> bool:
-    try:
-        float(v)
-        return True
-    except ValueError:
-        return False
 
 
 def published_table(df: pd.DataFrame, ref: pd.DataFrame) -> pd.DataFrame:
@@ -179,6 +171,7 @@ def published_table(df: pd.DataFrame, ref: pd.DataFrame) -> pd.DataFrame:
 
 
 def _parse(v: str):
+    """A cell's text as the int or float it spells, else the text."""
     try:
         f = float(v)
         return int(f) if f.is_integer() else f

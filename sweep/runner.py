@@ -151,10 +151,6 @@ def run_sweep(spec: SweepSpec, results_dir: str | Path, *, address: str | None =
             _tune(spec, todo, results_dir, sink, address=address, store_root=store_root, max_concurrent=cap, body=body,
                   gate=gate)
         for g in groups:
-            if gate is not None and gate.closed():
-                gate.refused += budgets[g.key]
-                sink.drop_queued(g.key, g.search.defense_name, budgets[g.key])
-                continue
             ran_search += _search(spec, g, results_dir, sink, address=address, store_root=store_root,
                                   max_concurrent=_search_concurrency(spec.search, spec.max_concurrent, max_concurrent),
                                   retry_failed=retry_failed, body=body, gate=gate)
@@ -166,8 +162,8 @@ def run_sweep(spec: SweepSpec, results_dir: str | Path, *, address: str | None =
         tracker.close(status)
     if groups:
         search_mod.write_ranks(results_dir)
-    left = gate.refused if gate is not None else 0
-    ran = n_todo + ran_search - (gate.grid_refused if gate is not None else 0)
+    left = gate.left if gate is not None else 0
+    ran = n_todo + ran_search - (gate.grid_left if gate is not None else 0)
     return Summary(n_spec, n_spec - ran - left, ran, sink.failed, time.monotonic() - t_start, left)
 
 
@@ -291,7 +287,7 @@ def _tune(spec: SweepSpec, todo: list[Trial], results_dir: Path, sink, *, addres
     while todo:
         if gate is not None and gate.closed():  # past the time limit: no chunk to start
             for t in todo:
-                gate.admits(t.model_key, t.defense.name)  # refused and counted
+                gate.refuse(t.model_key, t.defense.name)
             todo.clear()
             break
         part = todo[:chunk]  # in spec order (models interleaved: see expand)
@@ -320,6 +316,10 @@ def _search(spec: SweepSpec, group, results_dir: Path, sink, *, address, store_r
     left = spec.search.num_samples - hist.used
     if left <= 0:
         return 0
+    if gate is not None and gate.closed():  # past the time limit: the group waits for a later run
+        gate.search_left += left
+        sink.drop_queued(group.key, group.search.defense_name, left)
+        return 0
     _init_ray(address)
     sink.tracker.wait_ready()
     feed = SearchFeed(group, make_searcher(spec.search, hist.points), hist.known, left, gate=gate)
@@ -335,7 +335,7 @@ def _search(spec: SweepSpec, group, results_dir: Path, sink, *, address, store_r
     _drop_empty_trial_dirs(results_dir / "ray" / spec.name)
     sink.drop_queued(group.key, group.search.defense_name, left - feed.given)  # a space exhausted early
     if feed.gated:  # the time limit ended the group: what it had left waits for the next run
-        gate.refused += left - feed.given
+        gate.search_left += left - feed.given
     return feed.given
 
 
@@ -426,8 +426,7 @@ class SearchFeed(Searcher):
     def suggest(self, trial_id):
         if self.given >= self.budget or self.gated:
             return Searcher.FINISHED
-        if self.gate is not None and not self.gate.admits(self.group.key, self.group.search.defense_name,
-                                                          count=False):
+        if self.gate is not None and not self.gate.fits(self.group.key, self.group.search.defense_name):
             self.gated = True
             return Searcher.FINISHED
         in_flight = {tid for _, tid in self.live.values()}
@@ -495,22 +494,36 @@ class Gate:
 
     def __init__(self, deadline: float, eta: "EtaEstimator", sink: "_Sink | None" = None, clock=time.monotonic):
         self.deadline, self.eta, self.sink, self.clock = deadline, eta, sink, clock
-        self.refused = 0  # trials left for a later run (grid and searched)
-        self.grid_refused = 0
+        self.grid_left = 0  # grid trials left for a later run
+        self.search_left = 0  # searched trials: what the groups the limit ended had left of their budgets
+
+    @property
+    def left(self) -> int:
+        return self.grid_left + self.search_left
 
     def closed(self) -> bool:
         return self.clock() >= self.deadline
 
-    def admits(self, model_key: str, defense: str, count: bool = True) -> bool:
+    def fits(self, model_key: str, defense: str) -> bool:
+        """Whether a trial of this kind, started now, is expected to end in time."""
         now = self.clock()
-        est = self.eta.estimate(model_key, defense, now) if now < self.deadline else None
-        ok = now < self.deadline and (est is None or now + est <= self.deadline)
-        if not ok and count:  # a grid trial: counted here (a search's group counts what it had left)
-            self.refused += 1
-            self.grid_refused += 1
-            if self.sink is not None:
-                self.sink.drop_queued(model_key, defense, 1)
-        return ok
+        if now >= self.deadline:
+            return False
+        est = self.eta.estimate(model_key, defense, now)
+        return est is None or now + est <= self.deadline
+
+    def admits(self, model_key: str, defense: str) -> bool:
+        """``fits`` for a grid trial; one that does not is left to a later run."""
+        if self.fits(model_key, defense):
+            return True
+        self.refuse(model_key, defense)
+        return False
+
+    def refuse(self, model_key: str, defense: str) -> None:
+        """A grid trial left to a later run: counted, and off the ETA's queue."""
+        self.grid_left += 1
+        if self.sink is not None:
+            self.sink.drop_queued(model_key, defense, 1)
 
 
 class _Feed(Searcher):
@@ -568,17 +581,17 @@ class _Sink(Callback):
         # Popped, not read: Tune keeps every trial's last result until the sweep ends, and rows, curves
         # and trigger images held 10,000 times over would make driver memory grow with the trial count.
         # (Tune lets callbacks modify the result in place.)
+        tid = getattr(trial, "trial_id", None)
         if "build_json" in result:  # an epoch of a model this trial builds
             rec = json.loads(result.pop("build_json"))
-            self.eta.build_progress(getattr(trial, "trial_id", None), rec, time.monotonic())
-            self.building[getattr(trial, "trial_id", None)] = rec
+            self.eta.build_progress(tid, rec, time.monotonic())
+            self.building[tid] = rec
             self._progress()
             return
         if "step_json" in result:  # a searched trial's running objective (sweep.search.reporting)
-            self.steps.setdefault(getattr(trial, "trial_id", None), []).append(json.loads(result.pop("step_json")))
+            self.steps.setdefault(tid, []).append(json.loads(result.pop("step_json")))
             return
         row = json.loads(result.pop("row_json"))
-        tid = getattr(trial, "trial_id", None)
         self.recorded.add(tid)
         self.steps.pop(tid, None)
         self._record(row, json.loads(result.pop("curves_json", None) or "{}"), result.pop("artifacts", None) or {},
@@ -852,9 +865,7 @@ class EtaEstimator:
     def estimate(self, model_key: str, defense: str, now: float) -> Optional[float]:
         """Seconds a queued trial is expected to take if it starts now (its build included when no model
         for its key is in the store or being built); None when unknown."""
-        builds = defense not in self.training_time and model_key not in self.have_models \
-            and model_key not in self.claimed
-        return self.trial_time(defense, builds, now)
+        return self.trial_time(defense, self._builds(model_key, defense), now)
 
     def eta(self, now: float) -> Optional[float]:
         """Seconds until the last queued or running trial is expected to end; None when unknown."""

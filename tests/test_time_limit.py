@@ -48,9 +48,9 @@ def test_the_gate_admits_a_trial_only_if_it_is_expected_to_end_in_time():
     assert gate.admits("m0", "finetune")
     clock.t = 150.0
     assert gate.closed() and not gate.admits("m0", "finetune")
-    assert (gate.refused, gate.grid_refused) == (3, 3)
+    assert (gate.left, gate.grid_left) == (3, 3)
     assert sink.dropped == [("m0", "abl", 1), ("m1", "finetune", 1), ("m0", "finetune", 1)]  # off the ETA
-    assert not gate.admits("m0", "finetune", count=False) and gate.refused == 3  # a search counts its own
+    assert not gate.fits("m0", "finetune") and gate.left == 3  # a search counts its own
 
 
 def test_a_trial_with_no_estimate_yet_starts_while_the_deadline_is_ahead():
@@ -71,7 +71,7 @@ def test_the_feed_skips_what_does_not_fit_and_hands_out_what_does():
     feed = _Feed(list(trials), gate)
     got = json.loads(feed.suggest("t0")["trial"])
     assert got["defense"]["name"] == "finetune"  # abl (300 s) skipped, not waited on
-    assert feed.suggest("t1") == "FINISHED" and gate.refused == 1
+    assert feed.suggest("t1") == "FINISHED" and gate.left == 1
 
 
 @pytest.mark.parametrize("text,seconds", [("90m", 5400), ("2h30m", 9000), ("1.5h", 5400), ("3600", 3600),
