@@ -17,6 +17,8 @@ of where the notebook's number comes from, not a defense; the engine's ``ibau`` 
     .venv/bin/python benchmarks/ibau_release.py --model badnets --notebook --rounds 1
     .venv/bin/python benchmarks/ibau_release.py --model badnets --notebook --rounds 1 \
         --checkpoint results/store_seeds/models/KEY.pt --normalize dataset   # an engine-trained model
+    .venv/bin/python benchmarks/ibau_release.py --model badnets --notebook --rounds 1 \
+        --checkpoint results/store_seeds/models/KEY.pt --normalize dataset --recompress 50  # shifted data
 
 Every measurement gives CA and ASR on the held-out half and ``asr_own``: the ASR on the triggered copies of
 the defender's own clean images, which is what the notebook reports.
@@ -32,13 +34,16 @@ hypergradient itself is ours (``defenses.ibau.implicit_hypergradient``, the same
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -48,7 +53,7 @@ from defenses import DEFENSES  # noqa: E402
 from defenses.base import DefenseContext, draw_clean_set  # noqa: E402
 from defenses.ibau import implicit_hypergradient, project_l2  # noqa: E402
 from kernel.checkpoint import load_checkpoint  # noqa: E402
-from kernel.data import load_dataset, read_file  # noqa: E402
+from kernel.data import Dataset, Split, load_dataset, read_file  # noqa: E402
 from kernel.metrics import evaluate  # noqa: E402
 from kernel.models import create_model  # noqa: E402
 from kernel.train import TrainConfig, to_float, to_uint8  # noqa: E402
@@ -63,6 +68,16 @@ MODELS = {  # file stem, attack, its parameters (the release's triggers), its fi
                {"image": "l0_inv.png", "mask": "mask.npy"}),
     "l2_inv": ("l2_inv_0_02", "l2_inv", dict(image="l2_inv.png"), {"image": "l2_inv.png"}),
 }
+
+
+def recompress(x: torch.Tensor, quality: int) -> torch.Tensor:
+    """uint8 images (N, C, H, W), each saved as JPEG at ``quality`` and decoded again."""
+    out = torch.empty_like(x)
+    for i, img in enumerate(x):
+        buf = io.BytesIO()
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(buf, "JPEG", quality=quality)
+        out[i] = torch.from_numpy(np.array(Image.open(buf).convert("RGB"))).permute(2, 0, 1)
+    return out
 
 
 def notebook_round(model, clean, stamped, generator, project_each_step=False, bound=10.0,
@@ -132,6 +147,9 @@ def main() -> None:
     ap.add_argument("--normalize", choices=["none", "dataset"], default="none",
                     help="the model's input normalisation: none (the release) or the dataset's (engine-trained)")
     ap.add_argument("--project-each-step", action="store_true", help="with --notebook: project δ every step")
+    ap.add_argument("--recompress", type=int, default=None, metavar="Q",
+                    help="re-encode every test image as JPEG at quality Q first: a controlled shift of the data "
+                         "away from what the model was trained on (as the JPEG copy is for the release)")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "ibau_release.jsonl")
     ap.add_argument("--note", default="")
     fields = DEFENSES.get("ibau").Params.model_fields
@@ -141,7 +159,10 @@ def main() -> None:
     a = ap.parse_args()
 
     stem, attack_name, aparams, afiles = MODELS[a.model]
-    ds, pool = split_test(load_dataset("cifar10", root=a.data), {"clean_from": "test", "clean_pool": 5000})
+    ds = load_dataset("cifar10", root=a.data)
+    if a.recompress is not None:
+        ds = Dataset(ds.info, ds.train, Split(recompress(ds.test.x, a.recompress), ds.test.y))
+    ds, pool = split_test(ds, {"clean_from": "test", "clean_pool": 5000})
     cls = ATTACKS.get(attack_name)
     files = {k: read_file(str(RELEASE / "triggers" / v), ds.info.shape)
              for k, v in afiles.items()}
@@ -187,7 +208,7 @@ def main() -> None:
     for rec in ctx.history:
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()}), flush=True)
     how = "notebook" if a.notebook else a.inner_on
-    row = {"model": a.model, "checkpoint": str(a.checkpoint or ""), "inner_on": how,
+    row = {"model": a.model, "checkpoint": str(a.checkpoint or ""), "inner_on": how, "recompress": a.recompress,
            "project_each_step": a.project_each_step, "params": params.model_dump(), "before": before,
            "rounds": ctx.history, "after": {k: ctx.history[-1][k] for k in ("clean_acc", "asr")},
            "seconds": round(seconds, 1), "threads": torch.get_num_threads(), "note": a.note,

@@ -124,7 +124,7 @@ def validate(spec_path, results_dir, storage):
     keys = {t.model_key for t in trials}
     _describe(spec, trials, keys)
     if results_dir is not None:
-        _left(trials, results_dir, storage)
+        _left(trials, results_dir, storage, spec.max_concurrent)
 
 
 def _describe(spec, trials, keys) -> None:
@@ -144,17 +144,19 @@ def _describe(spec, trials, keys) -> None:
     click.echo(f"{spec.name}: {len(trials)} trials, {len(keys)} backdoored models{where}")
 
 
-def _left(trials, results_dir, storage) -> None:
-    """What of ``trials`` RESULTS holds, and what a run would still do, per defense (grid trials)."""
+def _left(trials, results_dir, storage, slots=None) -> None:
+    """What of ``trials`` RESULTS holds, and what a run would still do, per defense (grid trials), with the
+    time it should take by the rows RESULTS holds (the progress line's estimate: sweep.runner.EtaEstimator)."""
     from collections import Counter
 
     from sweep.results import load
-    from sweep.runner import _models_in_store, _training_time_defenses
+    from sweep.runner import EtaEstimator, _models_in_store, _training_time_defenses, cost_key, format_seconds
 
     try:
-        status = dict(zip(*load(results_dir)[["trial_id", "status"]].T.values))
+        rows = load(results_dir)
     except FileNotFoundError:
-        status = {}
+        rows = None
+    status = {} if rows is None else dict(zip(rows.trial_id, rows.status))
     mine = [status.get(t.trial_id) for t in trials]
     todo = [t for t, st in zip(trials, mine) if st is None]
     training_time = _training_time_defenses({t.defense.name for t in todo})
@@ -167,6 +169,17 @@ def _left(trials, results_dir, storage) -> None:
                + f", {mine.count('stopped')} stopped; {len(todo)} to run"
                + (f" ({', '.join(f'{d} {n}' for d, n in per.most_common())})" if per else "")
                + f"; models they need: {len(have)} in the store, {len(need - have)} to build")
+    if not todo:
+        return
+    eta = EtaEstimator([(t.model_key, cost_key(t.defense.as_dict())) for t in todo], have_models=have,
+                       training_time=training_time, slots=slots)
+    eta.peak = slots or 1
+    if rows is not None:
+        eta.learn(rows.to_dict("records"), {t.trial_id: cost_key(t.defense.as_dict()) for t in trials})
+    secs = eta.eta(0.0)
+    at = f"{slots} at a time" if slots and slots > 1 else "one at a time"
+    click.echo(f"  expected time, {at}, by the rows here: "
+               + ("unknown (no finished trial to go by)" if secs is None else format_seconds(secs)))
 
 
 @main.command()

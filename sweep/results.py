@@ -26,7 +26,7 @@ from sweep.spec import Trial
 
 BASE_COLUMNS = {
     "sweep": pa.string(), "trial_id": pa.string(), "model_key": pa.string(), "dataset": pa.string(),
-    "model": pa.string(), "attack": pa.string(), "defense": pa.string(), "seed": pa.int64(),
+    "model": pa.string(), "attack": pa.string(), "defense": pa.string(), "defense_key": pa.string(), "seed": pa.int64(),
     "status": pa.string(), "error": pa.string(), "clean_acc": pa.float64(), "asr": pa.float64(),
     "robust_acc": pa.float64(), "attack_clean_acc": pa.float64(), "attack_asr": pa.float64(),
     "attack_robust_acc": pa.float64(), "attack_seconds": pa.float64(), "defense_seconds": pa.float64(),

@@ -40,7 +40,7 @@ from ray.tune.search import Searcher  # noqa: E402
 
 from sweep import search as search_mod  # noqa: E402
 from sweep.results import ResultsWriter, finished_trials, load, schema_for  # noqa: E402
-from sweep.spec import SearchSpec, SpecError, SweepSpec, Trial, expand  # noqa: E402
+from sweep.spec import SearchSpec, SpecError, SweepSpec, Trial, content_hash, expand  # noqa: E402
 from sweep.tracking import BackgroundTracker, default_uri  # noqa: E402
 
 
@@ -127,19 +127,23 @@ def run_sweep(spec: SweepSpec, results_dir: str | Path, *, address: str | None =
     (results_dir / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
 
     tracker = BackgroundTracker(mlflow_uri or default_uri(results_dir), spec.name, results_dir, spec.model_dump(mode="json"))
+    past = load(results_dir).to_dict("records") if done else []
     if done:
-        tracker.backfill(load(results_dir).to_dict("records"))
+        tracker.backfill(past)
     schema = schema_for(trials + search_mod.type_probes(spec, groups), results_dir)
     if groups:
         schema = _with_search_columns(schema)
     writer = ResultsWriter(results_dir, schema)
     n_trials, n_todo = len(trials), len(todo)
     n_spec = n_trials + len(groups) * (spec.search.num_samples if groups else 0)
-    queued = [(t.model_key, t.defense.name) for t in todo]
+    queued = [(t.model_key, cost_key(t.defense.as_dict())) for t in todo]
     queued += [(g.key, g.search.defense_name) for g in groups for _ in range(budgets[g.key])]
     cap = max_concurrent or spec.max_concurrent
     eta = EtaEstimator(queued, have_models=_models_in_store(store_root, {k for k, _ in queued}),
-                       training_time=_training_time_defenses({d for _, d in queued}), slots=cap)
+                       training_time=_training_time_defenses({_pair(d)[0] for _, d in queued}), slots=cap)
+    if done:  # the pieces run before this one: their figures estimate this one from its first trial
+        eta.learn(past, {t.trial_id: cost_key(t.defense.as_dict()) for t in trials if t.trial_id in done})
+    del past
     del trials, queued  # from here on each trial is held once: in ``todo`` until Tune takes it, then by Tune
     sink = _Sink(writer, tracker, total=n_todo + n_search, show=progress, eta=eta, search=spec.search)
     gate = Gate(t_start + time_limit, eta, sink) if time_limit is not None else None
@@ -287,7 +291,7 @@ def _tune(spec: SweepSpec, todo: list[Trial], results_dir: Path, sink, *, addres
     while todo:
         if gate is not None and gate.closed():  # past the time limit: no chunk to start
             for t in todo:
-                gate.refuse(t.model_key, t.defense.name)
+                gate.refuse(t.model_key, cost_key(t.defense.as_dict()))
             todo.clear()
             break
         part = todo[:chunk]  # in spec order (models interleaved: see expand)
@@ -504,7 +508,7 @@ class Gate:
     def closed(self) -> bool:
         return self.clock() >= self.deadline
 
-    def fits(self, model_key: str, defense: str) -> bool:
+    def fits(self, model_key: str, defense) -> bool:
         """Whether a trial of this kind, started now, is expected to end in time."""
         now = self.clock()
         if now >= self.deadline:
@@ -512,14 +516,14 @@ class Gate:
         est = self.eta.estimate(model_key, defense, now)
         return est is None or now + est <= self.deadline
 
-    def admits(self, model_key: str, defense: str) -> bool:
+    def admits(self, model_key: str, defense) -> bool:
         """``fits`` for a grid trial; one that does not is left to a later run."""
         if self.fits(model_key, defense):
             return True
         self.refuse(model_key, defense)
         return False
 
-    def refuse(self, model_key: str, defense: str) -> None:
+    def refuse(self, model_key: str, defense) -> None:
         """A grid trial left to a later run: counted, and off the ETA's queue."""
         self.grid_left += 1
         if self.sink is not None:
@@ -546,7 +550,7 @@ class _Feed(Searcher):
         # string is cheap for all three where the nested trial dict is not.
         while self._left:
             t = self._left.pop()
-            if self.gate is None or self.gate.admits(t.model_key, t.defense.name):
+            if self.gate is None or self.gate.admits(t.model_key, cost_key(t.defense.as_dict())):
                 return {"trial": json.dumps(t.as_dict())}
         return Searcher.FINISHED
 
@@ -601,7 +605,7 @@ class _Sink(Callback):
         self.running.add(trial.trial_id)
         try:
             t = json.loads(trial.config["trial"])
-            self.eta.start(trial.trial_id, t["model_key"], t["defense"]["name"], time.monotonic())
+            self.eta.start(trial.trial_id, t["model_key"], cost_key(t["defense"]), time.monotonic())
         except (KeyError, TypeError, ValueError):
             pass
 
@@ -641,7 +645,7 @@ class _Sink(Callback):
     def on_step_end(self, iteration, trials, **info):
         self._progress()  # counts kept by the hooks above: scanning ``trials`` every step is quadratic
 
-    def drop_queued(self, model_key: str, defense: str, n: int) -> None:
+    def drop_queued(self, model_key: str, defense, n: int) -> None:
         """Trials counted in the total that will not run (a search whose space ran out of new trials)."""
         if n > 0:
             self.total -= n
@@ -705,6 +709,17 @@ def format_seconds(s: float) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
+def cost_key(defense: dict) -> tuple[str, str]:
+    """What the ETA knows a defense's cost by: its name and a hash of its resolved parameters (a variant
+    of the spec: ``Variant.as_dict()``, as a trial's config holds it; the rows' ``defense_key``)."""
+    return defense["name"], content_hash(defense)
+
+
+def _pair(defense) -> tuple:
+    """A defense as the ETA keys it: ``(name, variant)``; a bare name has no variant (None)."""
+    return tuple(defense) if isinstance(defense, (tuple, list)) else (defense, None)
+
+
 def _mean(xs) -> Optional[float]:
     xs = list(xs)
     return sum(xs) / len(xs) if xs else None
@@ -739,30 +754,55 @@ class EtaEstimator:
     most trials seen running at once, at most ``slots`` when given): the ETA is when the last slot frees.
     So while the last long trials run, the ETA falls with their time, instead of growing with the mean
     of the short trials that finished before them.
+
+    A defense is named by its name or by a ``(name, variant)`` pair (:func:`cost_key`: the name and a hash
+    of its resolved parameters). A variant's own figures come first: I-BAU with 5,000 clean images costs
+    40 times I-BAU with 100, and a time limit that took the mean of both would start the long one too late.
+    Then the name's mean, then the fallbacks above. :meth:`learn` adds the rows an earlier run left in the
+    same results directory (another piece of the sweep): they stand behind this run's own figures of the same
+    variant, build or name, so the first hour of a piece is estimated from the pieces before it.
     """
 
-    queued: Iterable[tuple[str, str]]  # (model_key, defense name) of every trial still to run
+    queued: Iterable[tuple[str, "str | tuple"]]  # (model_key, defense) of every trial still to run
     have_models: Iterable[str] = ()  # model keys in the store already
     training_time: Iterable[str] = ()  # defense names that build no backdoored model
     slots: Optional[int] = None  # max_concurrent, when set
     peak: int = 0
-    running: dict = field(default_factory=dict)  # id -> (start, model_key, defense, builds)
+    running: dict = field(default_factory=dict)  # id -> (start, model_key, (name, variant), builds)
     defense_secs: dict = field(default_factory=dict)  # name -> [seconds]
+    variant_secs: dict = field(default_factory=dict)  # (name, variant) -> [seconds]
     build_secs: dict = field(default_factory=dict)  # model_key -> seconds
     overheads: list = field(default_factory=list)
     build_proj: dict = field(default_factory=dict)  # id of a running builder -> its build's projected seconds
 
     def __post_init__(self):
-        self.queued = Counter(self.queued)
+        self.queued = Counter((k, _pair(d)) for k, d in self.queued)
         self.have_models, self.training_time = set(self.have_models), set(self.training_time)
         self.claimed: set[str] = set()  # models a running trial builds
+        # earlier runs' figures (learn): the same fields, consulted after this run's own
+        self.past_defense: dict = {}
+        self.past_variant: dict = {}
+        self.past_builds: dict = {}
+        self.past_overheads: list = []
+
+    def learn(self, rows: Iterable[dict], keys: Optional[dict] = None) -> None:
+        """Figures from rows an earlier run finished. A row's variant is its ``defense_key`` column, else
+        ``keys`` (trial_id -> (name, variant): rows written before that column existed, whose trials the spec
+        still holds); a row with neither counts for its defense's name only."""
+        keys = keys or {}
+        for r in rows:
+            if r.get("status") != "ok":
+                continue
+            key = keys.get(r.get("trial_id")) or (r.get("defense"), r.get("defense_key") or None)
+            self._add(r, key, self.past_defense, self.past_variant, self.past_builds, self.past_overheads)
 
     # events ---------------------------------------------------------------------------------------
-    def _builds(self, model_key: str, defense: str) -> bool:
-        return (defense not in self.training_time and model_key not in self.have_models
+    def _builds(self, model_key: str, defense) -> bool:
+        return (_pair(defense)[0] not in self.training_time and model_key not in self.have_models
                 and model_key not in self.claimed)
 
-    def start(self, tid: str, model_key: str, defense: str, now: float) -> None:
+    def start(self, tid: str, model_key: str, defense, now: float) -> None:
+        defense = _pair(defense)
         if self.queued[(model_key, defense)] > 0:
             self.queued[(model_key, defense)] -= 1
         builds = self._builds(model_key, defense)
@@ -792,37 +832,55 @@ class EtaEstimator:
             if info[3]:
                 self.claimed.discard(info[1])
 
-    def drop(self, model_key: str, defense: str, n: int) -> None:
+    def drop(self, model_key: str, defense, n: int) -> None:
+        defense = _pair(defense)
         self.queued[(model_key, defense)] = max(0, self.queued[(model_key, defense)] - n)
 
     def finish(self, tid: str, row: dict, now: float) -> None:
         self.build_proj.pop(tid, None)
         info = self.running.pop(tid, None)
-        key, defense = row.get("model_key"), row.get("defense")
-        if info is None and self.queued[(key, defense)] > 0:  # ended without a start we saw
-            self.queued[(key, defense)] -= 1
+        key, name = row.get("model_key"), row.get("defense")
+        if info is None:  # ended without a start we saw: off the queue, whichever variant of its name
+            pair = next((q for q, n in self.queued.items() if n > 0 and q[0] == key and q[1][0] == name),
+                        (key, (name, None)))
+            if self.queued[pair] > 0:
+                self.queued[pair] -= 1
+            defense = pair[1]
+        else:
+            defense = info[2]
         if info is not None and info[3]:
             self.claimed.discard(info[1])
         if row.get("attack_cached") is not None or (info is not None and info[3] and row.get("status") == "ok"):
             self.have_models.add(key)  # the model exists now
         if row.get("status") != "ok":
             return  # a failed or stopped trial's times say little about a whole one's
+        self._add(row, defense, self.defense_secs, self.variant_secs, self.build_secs, self.overheads)
+
+    @staticmethod
+    def _add(row: dict, defense: tuple, by_name: dict, by_variant: dict, builds: dict, overheads: list) -> None:
+        key = row.get("model_key")
         ds, bs = row.get("defense_seconds"), row.get("attack_seconds")
         if _finite(ds):
-            self.defense_secs.setdefault(defense, []).append(float(ds))
+            by_name.setdefault(defense[0], []).append(float(ds))
+            if defense[1] is not None:
+                by_variant.setdefault(defense, []).append(float(ds))
         if _finite(bs) and key is not None:
-            self.build_secs[key] = float(bs)
+            builds[key] = float(bs)
         wall = _iso_seconds(row.get("started_at"), row.get("finished_at"))
         if wall is not None and _finite(ds):
             built = float(bs) if _finite(bs) and row.get("attack_cached") is False else 0.0
-            self.overheads.append(max(0.0, wall - float(ds) - built))
+            overheads.append(max(0.0, wall - float(ds) - built))
 
     # estimates ------------------------------------------------------------------------------------
-    def defense_time(self, defense: str, now: Optional[float] = None) -> Optional[float]:
-        own = _mean(self.defense_secs.get(defense, ()))
-        if own is not None:
-            return own
-        if defense == "none":  # measures the model as it is: nothing to estimate from other defenses
+    def defense_time(self, defense, now: Optional[float] = None) -> Optional[float]:
+        defense = _pair(defense)
+        name = defense[0]
+        for figures in (self.variant_secs.get(defense), self.past_variant.get(defense),
+                        self.defense_secs.get(name), self.past_defense.get(name)):
+            own = _mean(figures or ())
+            if own is not None:
+                return own
+        if name == "none":  # measures the model as it is: nothing to estimate from other defenses
             return 0.0
         # No trial of this defense has finished: the kind's mean, never from ``none``'s rows (a defense
         # that does nothing says nothing of what one costs), and, for a queued trial (``now`` given), never
@@ -830,31 +888,34 @@ class EtaEstimator:
         # (A builder's time so far is mostly its build: it says nothing of the defense.)
         running = max((now - st for st, _, d, b in self.running.values() if d == defense and not b),
                       default=0.0) if now is not None else 0.0
-        tt = defense in self.training_time
-        seen = {d: xs for d, xs in self.defense_secs.items() if d != "none"}
+        tt = name in self.training_time
+        seen = {**self.past_defense, **self.defense_secs}  # this run's figures for a name replace the past's
+        seen = {d: xs for d, xs in seen.items() if d != "none"}
         est = _mean(x for d, xs in seen.items() if (d in self.training_time) == tt for x in xs)
         if est is None and tt:
-            est = _mean(self.build_secs.values())
+            est = self.build_time()
         if est is None:
             est = _mean(x for xs in seen.values() for x in xs)
         if est is None:
-            return running or (0.0 if defense == "none" else None)
+            return running or None
         return max(est, running)
 
     def build_time(self) -> Optional[float]:
-        """A model build: the mean of the builds finished, else of the running builds' projections."""
-        for b in (_mean(self.build_secs.values()), _mean(self.build_proj.values())):
+        """A model build: the mean of the builds finished, else of the running builds' projections, else of
+        earlier runs' builds."""
+        for b in (_mean(self.build_secs.values()), _mean(self.build_proj.values()), _mean(self.past_builds.values())):
             if b is not None:
                 return b
-        return _mean(x for d, xs in self.defense_secs.items() if d in self.training_time for x in xs)
+        seen = {**self.past_defense, **self.defense_secs}
+        return _mean(x for d, xs in seen.items() if d in self.training_time for x in xs)
 
-    def trial_time(self, defense: str, builds: bool, now: Optional[float] = None,
+    def trial_time(self, defense, builds: bool, now: Optional[float] = None,
                    build: Optional[float] = None) -> Optional[float]:
         """``build``: this trial's own projected build (a running builder), in place of the mean."""
         d = self.defense_time(defense, now)
         if d is None:
             return None
-        t = d + (_mean(self.overheads) or 0.0)
+        t = d + (_mean(self.overheads) or _mean(self.past_overheads) or 0.0)
         if builds:
             b = build if build is not None else self.build_time()
             if b is None:
@@ -862,7 +923,7 @@ class EtaEstimator:
             t += b
         return t
 
-    def estimate(self, model_key: str, defense: str, now: float) -> Optional[float]:
+    def estimate(self, model_key: str, defense, now: float) -> Optional[float]:
         """Seconds a queued trial is expected to take if it starts now (its build included when no model
         for its key is in the store or being built); None when unknown."""
         return self.trial_time(defense, self._builds(model_key, defense), now)
@@ -884,7 +945,7 @@ class EtaEstimator:
         for (key, defense), n in self.queued.items():
             if n <= 0:
                 continue
-            builds = defense not in self.training_time and key not in self.have_models and key not in claimed
+            builds = defense[0] not in self.training_time and key not in self.have_models and key not in claimed
             if builds:
                 claimed.add(key)
                 t = self.trial_time(defense, True, now)

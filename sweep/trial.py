@@ -79,7 +79,8 @@ def _load_files(cls, params: dict, info: DatasetInfo) -> dict:
 def base_row(trial: Trial) -> dict:
     row = {"sweep": trial.sweep, "trial_id": trial.trial_id, "model_key": trial.model_key,
            "dataset": trial.dataset["name"], "model": trial.model, "attack": trial.attack.name,
-           "defense": trial.defense.name, "seed": trial.seed, "status": "running", "error": None,
+           "defense": trial.defense.name, "defense_key": content_hash(trial.defense.as_dict()),
+           "seed": trial.seed, "status": "running", "error": None,
            "clean_acc": None, "asr": None, "robust_acc": None, "attack_clean_acc": None, "attack_asr": None,
            "attack_robust_acc": None, "attack_seconds": None, "defense_seconds": None, "attack_cached": None,
            "started_at": datetime.now(timezone.utc).isoformat(), "finished_at": None,

@@ -45,6 +45,9 @@ def test_one_row_and_one_run_per_trial(swept):
               "asr", "robust_acc", "attack_clean_acc", "attack_asr", "attack_seconds", "defense_seconds",
               "attack.poison_rate", "attack.alpha", "defense.clean_size", "defense.lr"}
     assert needed <= set(df.columns)
+    # defense_key: one per defense configuration, the same across attacks and seeds
+    per_cfg = df.groupby(["defense", "defense.clean_size", "defense.lr"], dropna=False).defense_key.nunique()
+    assert per_cfg.eq(1).all() and df.defense_key.nunique() == len(per_cfg) > 1
     runs, parents = trial_runs(d / "res")
     assert len(runs) == len(df) and len(parents) == 1
     assert {r.data.tags["trial_id"] for r in runs} == set(df.trial_id)

@@ -81,7 +81,7 @@ def test_each_remaining_trial_is_estimated_by_its_kind():
     eta.finish("b", row("m0", "finetune", start=100, defense_s=10.0, attack_s=100.0, cached=True, overhead=0.0), 110.0)
     assert eta.eta(110.0) == 0.0
     # four finetune trials: two on a model to build (m5), two on one already in the store (m6)
-    eta.queued.update({("m5", "finetune"): 2, ("m6", "finetune"): 2})
+    eta.queued.update({("m5", ("finetune", None)): 2, ("m6", ("finetune", None)): 2})  # (key, (name, variant))
     eta.have_models.add("m6")
     assert eta.eta(110.0) == pytest.approx(110 + 10 + 10 + 10)  # one slot: the build, then 4 × 10 s
     eta.peak = 2
@@ -196,3 +196,41 @@ def test_a_trial_reports_each_epoch_of_the_model_it_builds_and_none_of_a_cached_
     assert 0 < seen[0]["seconds"] <= seen[1]["seconds"] <= seen[2]["seconds"] <= row["attack_seconds"]
     seen.clear()
     assert execute(trial, store, progress=seen.append).row["attack_cached"] is True and seen == []
+
+
+def test_a_variant_is_estimated_by_its_own_figures_before_its_names_mean():
+    """I-BAU with 5,000 clean images costs 40x I-BAU with 100 (seeds spec: ~1,000 s against ~25 s): the
+    mean of both (512 s) would underestimate the long one, and a time limit would start it too late."""
+    big, small = ("ibau", "v5000"), ("ibau", "v100")
+    eta = EtaEstimator([("m", big), ("m", small), ("m", big)], have_models={"m"}, slots=1)
+    eta.start("a", "m", big, 0.0)
+    eta.finish("a", row("m", "ibau", start=0, defense_s=1000.0, attack_s=50.0, cached=True, overhead=0.0), 1000.0)
+    eta.start("b", "m", small, 1000.0)
+    eta.finish("b", row("m", "ibau", start=1000, defense_s=25.0, attack_s=50.0, cached=True, overhead=0.0), 1025.0)
+    assert eta.estimate("m", big, 1025.0) == pytest.approx(1000.0)
+    assert eta.estimate("m", small, 1025.0) == pytest.approx(25.0)
+    assert eta.eta(1025.0) == pytest.approx(1000.0)  # the one left is the long one
+    # a variant never seen: its name's mean; a bare name (a search's trials): the same
+    assert eta.estimate("m", ("ibau", "v500"), 1025.0) == pytest.approx(512.5)
+    assert eta.estimate("m", "ibau", 1025.0) == pytest.approx(512.5)
+
+
+def test_an_earlier_pieces_rows_estimate_this_piece_from_its_first_trial():
+    """learn(): the rows a results directory holds from earlier runs give the figures before this run has
+    finished anything; this run's own figures of the same variant then replace them."""
+    big = ("ibau", "v5000")
+    past = [{**row("m0", "ibau", start=0, defense_s=1000.0, attack_s=1500.0, cached=False, overhead=0.0),
+             "trial_id": "old1", "defense_key": "v5000"},
+            {**row("m0", "ibau", start=0, defense_s=25.0, attack_s=1500.0, cached=True, overhead=0.0),
+             "trial_id": "old2"},  # written before rows had defense_key: the spec's map names its variant
+            {**row("m0", "ibau", start=0, defense_s=9999.0), "trial_id": "old3", "status": "failed"}]
+    eta = EtaEstimator([("m1", big), ("m1", ("ibau", "v100"))], slots=1)
+    assert eta.eta(0.0) is None
+    eta.learn(past, {"old2": ("ibau", "v100")})
+    assert eta.estimate("m1", big, 0.0) == pytest.approx(1500.0 + 1000.0)  # a build (the past's) + the defense
+    assert eta.eta(0.0) == pytest.approx(1500.0 + 1000.0 + 25.0)
+    assert eta.defense_time(("ibau", "v500")) == pytest.approx(512.5)  # the name's mean, failed row left out
+    eta.start("a", "m1", big, 0.0)
+    eta.finish("a", row("m1", "ibau", start=0, defense_s=600.0, attack_s=1200.0, cached=False, overhead=0.0), 1800.0)
+    assert eta.defense_time(big) == pytest.approx(600.0)  # this machine's own figure, not the past's
+    assert eta.build_time() == pytest.approx(1200.0)

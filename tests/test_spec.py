@@ -242,3 +242,35 @@ def test_cli_validate_with_results_says_what_is_left(tmp_path):
            f"{len(keys) - int(trials[0].model_key in keys)} to build" in r.output
     r = CliRunner().invoke(main, ["validate", str(p), "--results", str(tmp_path / "empty")])
     assert r.exit_code == 0 and f"0 ok, 0 failed, 0 stopped; {len(trials)} to run" in r.output
+
+
+def test_cli_validate_with_results_says_how_long_the_rest_should_take(tmp_path):
+    """Seed 0 done (builds of 100 s; finetune with 100 clean images 30 s, three rows; with 500 images 70 s,
+    one row, the two others failed). Seed 1 left: 3 models, 3 finetune trials of each size, 3 none. One at
+    a time: 3 x 100 + 3 x 30 + 3 x 70 = 600 s, each variant by its own figure (the name's mean, 40 s, would
+    say 540 s). With nothing finished, no estimate."""
+    from sweep.results import ResultsWriter, schema_for
+    from sweep.trial import base_row
+
+    trials = expand(parse_spec(spec()))
+    res = tmp_path / "res"
+    w = ResultsWriter(res, schema_for(trials, res))
+    big = 0
+    for t in trials:
+        if t.seed != 0:
+            continue
+        status, secs = "ok", 0.0
+        if t.defense.name == "finetune" and t.defense.params["clean_size"] == 100:
+            secs = 30.0
+        elif t.defense.name == "finetune":
+            status, secs, big = ("ok" if big == 0 else "failed"), 70.0, big + 1
+        w.add({**base_row(t), "status": status, "defense_seconds": secs, "attack_seconds": 100.0,
+               "attack_cached": t.defense.name != "none"})
+    w.close()
+    p = tmp_path / "spec.yaml"
+    p.write_text(yaml.safe_dump(spec()))
+    r = CliRunner().invoke(main, ["validate", str(p), "--results", str(res)])
+    assert r.exit_code == 0, r.output
+    assert "expected time, one at a time, by the rows here: 10m00s" in r.output, r.output
+    r = CliRunner().invoke(main, ["validate", str(p), "--results", str(tmp_path / "empty")])
+    assert "expected time, one at a time, by the rows here: unknown (no finished trial to go by)" in r.output

@@ -97,3 +97,30 @@ def test_a_run_past_its_limit_leaves_every_trial_to_the_next_run_and_that_run_ta
     assert (second.ran, second.left, second.skipped) == (6, 0, 0)
     df = pd.read_parquet(tmp_path / "res" / "trials")
     assert len(df) == 6 and df.trial_id.is_unique
+
+
+def test_a_piece_is_gated_from_its_first_trial_by_the_rows_of_the_pieces_before_it(tmp_path):
+    """Seed 0 ran earlier: its finetune at 5 epochs took 1,000 s, at 1 epoch 1 s (the rows say so). The
+    seed-1 piece with a 100 s limit starts the short variant and leaves the long one, before any trial of
+    its own has finished: the estimate is the variant's (the name's mean, 500 s, would leave both), and it
+    exists from the start (no estimate at all would start the long one)."""
+    from sweep.results import load
+    from sweep.spec import narrow
+
+    spec = parse_spec({"name": "pieces", "dataset": {"name": "synthetic", "train_size": 100, "test_size": 100},
+                       "model": "small_cnn", "seeds": [0, 1], "attacks": [{"name": "none"}],
+                       "defenses": [{"name": "finetune", "epochs": [5, 1]}]})
+    res = tmp_path / "res"
+    run_sweep(narrow(spec, seeds=[0]), res, progress=False, body=trivial_body)
+    df = load(res)
+    df["defense_seconds"] = [1000.0 if e == 5 else 1.0 for e in df["defense.epochs"]]
+    df["attack_seconds"], df["attack_cached"] = 0.0, True
+    import shutil
+    shutil.rmtree(res / "trials")
+    (res / "trials").mkdir()
+    df.to_parquet(res / "trials" / "part-0.parquet")
+    second = run_sweep(narrow(spec, seeds=[1]), res, progress=False, body=trivial_body, time_limit=100.0)
+    assert (second.ran, second.left) == (1, 1)
+    ran = load(res).query("seed == 1")
+    assert list(ran["defense.epochs"]) == [1]
+    assert ran.defense_key.notna().all() and ran.defense_key.nunique() == 1
