@@ -779,6 +779,7 @@ class EtaEstimator:
         self.queued = Counter((k, _pair(d)) for k, d in self.queued)
         self.have_models, self.training_time = set(self.have_models), set(self.training_time)
         self.claimed: set[str] = set()  # models a running trial builds
+        self.took: dict = {}  # id of a running trial -> the queue entry its start took it from
         # earlier runs' figures (learn): the same fields, consulted after this run's own
         self.past_defense: dict = {}
         self.past_variant: dict = {}
@@ -803,8 +804,12 @@ class EtaEstimator:
 
     def start(self, tid: str, model_key: str, defense, now: float) -> None:
         defense = _pair(defense)
-        if self.queued[(model_key, defense)] > 0:
-            self.queued[(model_key, defense)] -= 1
+        # off the queue: its own variant's entry, else its name's (a search's trials are queued by name)
+        for entry in ((model_key, defense), (model_key, (defense[0], None))):
+            if self.queued[entry] > 0:
+                self.queued[entry] -= 1
+                self.took[tid] = entry
+                break
         builds = self._builds(model_key, defense)
         if builds:
             self.claimed.add(model_key)
@@ -828,7 +833,7 @@ class EtaEstimator:
         self.build_proj.pop(tid, None)
         info = self.running.pop(tid, None)
         if info is not None:
-            self.queued[(info[1], info[2])] += 1
+            self.queued[self.took.pop(tid, (info[1], info[2]))] += 1
             if info[3]:
                 self.claimed.discard(info[1])
 
@@ -838,6 +843,7 @@ class EtaEstimator:
 
     def finish(self, tid: str, row: dict, now: float) -> None:
         self.build_proj.pop(tid, None)
+        self.took.pop(tid, None)
         info = self.running.pop(tid, None)
         key, name = row.get("model_key"), row.get("defense")
         if info is None:  # ended without a start we saw: off the queue, whichever variant of its name

@@ -234,3 +234,16 @@ def test_an_earlier_pieces_rows_estimate_this_piece_from_its_first_trial():
     eta.finish("a", row("m1", "ibau", start=0, defense_s=600.0, attack_s=1200.0, cached=False, overhead=0.0), 1800.0)
     assert eta.defense_time(big) == pytest.approx(600.0)  # this machine's own figure, not the past's
     assert eta.build_time() == pytest.approx(1200.0)
+
+
+def test_a_searched_trial_queued_by_name_leaves_the_queue_when_it_starts_under_its_variant():
+    """A search's trials are queued by their defense's name (their parameters are not drawn yet); each starts
+    with its own variant. It must leave the queue then, and go back to it if Tune retries it."""
+    eta = EtaEstimator([("m", "ibau")] * 3, have_models={"m"}, slots=1)
+    eta.defense_secs = {"ibau": [100.0]}
+    assert eta.eta(0.0) == pytest.approx(300.0)
+    eta.start("a", "m", ("ibau", "drawn1"), 0.0)
+    assert eta.queued[("m", ("ibau", None))] == 2
+    assert eta.eta(40.0) == pytest.approx(60.0 + 200.0)
+    eta.abandon("a")
+    assert eta.queued[("m", ("ibau", None))] == 3 and eta.eta(40.0) == pytest.approx(300.0)
