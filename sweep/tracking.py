@@ -26,8 +26,8 @@ ROLE = "bdsweep.role"
 PARAM_PREFIXES = ("attack.", "defense.")
 METRICS = ("clean_acc", "asr", "robust_acc", "attack_clean_acc", "attack_asr", "attack_robust_acc",
            "attack_seconds", "defense_seconds", "search_objective")
-TAGS = ("trial_id", "model_key", "attack", "defense", "dataset", "model", "seed", "status", "host", "device",
-        "search")
+TAGS = ("trial_id", "model_key", "attack", "defense", "defense_key", "dataset", "model", "seed", "status", "host",
+        "device", "search")
 
 
 def _sqlite_wal(conn, _record):

@@ -51,6 +51,8 @@ def test_one_row_and_one_run_per_trial(swept):
     runs, parents = trial_runs(d / "res")
     assert len(runs) == len(df) and len(parents) == 1
     assert {r.data.tags["trial_id"] for r in runs} == set(df.trial_id)
+    key = dict(zip(df.trial_id, df.defense_key))  # MLflow can filter runs by defense configuration
+    assert all(r.data.tags["defense_key"] == key[r.data.tags["trial_id"]] for r in runs)
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in runs)
     ok = [r for r in runs if r.info.status == "FINISHED"]
     assert ok and all("clean_acc" in r.data.metrics and "attack.poison_rate" in r.data.params or
