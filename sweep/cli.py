@@ -150,7 +150,7 @@ def _left(trials, results_dir, storage, slots=None) -> None:
     from collections import Counter
 
     from sweep.results import load
-    from sweep.runner import EtaEstimator, _models_in_store, _training_time_defenses, cost_key, format_seconds
+    from sweep.runner import EtaEstimator, _models_in_store, _training_time_defenses, format_seconds
 
     try:
         rows = load(results_dir)
@@ -171,11 +171,9 @@ def _left(trials, results_dir, storage, slots=None) -> None:
                + f"; models they need: {len(have)} in the store, {len(need - have)} to build")
     if not todo:
         return
-    eta = EtaEstimator([(t.model_key, cost_key(t.defense.as_dict())) for t in todo], have_models=have,
-                       training_time=training_time, slots=slots)
+    eta = EtaEstimator.for_trials(todo, trials, [] if rows is None else rows.to_dict("records"), have_models=have,
+                                  training_time=training_time, slots=slots)
     eta.peak = slots or 1
-    if rows is not None:
-        eta.learn(rows.to_dict("records"), {t.trial_id: cost_key(t.defense.as_dict()) for t in trials})
     secs = eta.eta(0.0)
     at = f"{slots} at a time" if slots and slots > 1 else "one at a time"
     click.echo(f"  expected time, {at}, by the rows here: "

@@ -136,15 +136,14 @@ def run_sweep(spec: SweepSpec, results_dir: str | Path, *, address: str | None =
     writer = ResultsWriter(results_dir, schema)
     n_trials, n_todo = len(trials), len(todo)
     n_spec = n_trials + len(groups) * (spec.search.num_samples if groups else 0)
-    queued = [(t.model_key, cost_key(t.defense.as_dict())) for t in todo]
-    queued += [(g.key, g.search.defense_name) for g in groups for _ in range(budgets[g.key])]
+    searched = [(g.key, g.search.defense_name) for g in groups for _ in range(budgets[g.key])]
     cap = max_concurrent or spec.max_concurrent
-    eta = EtaEstimator(queued, have_models=_models_in_store(store_root, {k for k, _ in queued}),
-                       training_time=_training_time_defenses({_pair(d)[0] for _, d in queued}), slots=cap)
-    if done:  # the pieces run before this one: their figures estimate this one from its first trial
-        eta.learn(past, {t.trial_id: cost_key(t.defense.as_dict()) for t in trials if t.trial_id in done})
-    del past
-    del trials, queued  # from here on each trial is held once: in ``todo`` until Tune takes it, then by Tune
+    # the rows of the pieces run before this one estimate this one from its first trial
+    eta = EtaEstimator.for_trials(
+        todo, trials, past, extra=searched, slots=cap,
+        have_models=_models_in_store(store_root, {t.model_key for t in todo} | {k for k, _ in searched}),
+        training_time=_training_time_defenses({t.defense.name for t in todo} | {d for _, d in searched}))
+    del trials, searched, past  # from here on each trial is held once: in ``todo`` until Tune takes it, then by Tune
     sink = _Sink(writer, tracker, total=n_todo + n_search, show=progress, eta=eta, search=spec.search)
     gate = Gate(t_start + time_limit, eta, sink) if time_limit is not None else None
     status, ran_search = "FINISHED", 0
@@ -733,6 +732,31 @@ def _iso_seconds(a, b) -> Optional[float]:
 
 
 @dataclass
+class _Figures:
+    """Finished trials' times: defense seconds per name and per (name, variant), build seconds per model,
+    and the engine's overhead around each trial (its wall time less its defense and any build)."""
+
+    by_name: dict = field(default_factory=dict)  # name -> [seconds]
+    by_variant: dict = field(default_factory=dict)  # (name, variant) -> [seconds]
+    builds: dict = field(default_factory=dict)  # model_key -> seconds
+    overheads: list = field(default_factory=list)
+
+    def add(self, row: dict, defense: tuple) -> None:
+        """An ``ok`` row of ``defense`` = (name, variant or None)."""
+        ds, bs = row.get("defense_seconds"), row.get("attack_seconds")
+        if _finite(ds):
+            self.by_name.setdefault(defense[0], []).append(float(ds))
+            if defense[1] is not None:
+                self.by_variant.setdefault(defense, []).append(float(ds))
+        if _finite(bs) and row.get("model_key") is not None:
+            self.builds[row["model_key"]] = float(bs)
+        wall = _iso_seconds(row.get("started_at"), row.get("finished_at"))
+        if wall is not None and _finite(ds):
+            built = float(bs) if _finite(bs) and row.get("attack_cached") is False else 0.0
+            self.overheads.append(max(0.0, wall - float(ds) - built))
+
+
+@dataclass
 class EtaEstimator:
     """How long the rest of a sweep will take, estimated per kind of trial. Pure: fed the queue, then
     trial starts and finished rows with the time (monotonic seconds) they happened at.
@@ -769,10 +793,8 @@ class EtaEstimator:
     slots: Optional[int] = None  # max_concurrent, when set
     peak: int = 0
     running: dict = field(default_factory=dict)  # id -> (start, model_key, (name, variant), builds)
-    defense_secs: dict = field(default_factory=dict)  # name -> [seconds]
-    variant_secs: dict = field(default_factory=dict)  # (name, variant) -> [seconds]
-    build_secs: dict = field(default_factory=dict)  # model_key -> seconds
-    overheads: list = field(default_factory=list)
+    own: _Figures = field(default_factory=_Figures)  # this run's finished trials
+    past: _Figures = field(default_factory=_Figures)  # earlier runs' (learn), consulted after
     build_proj: dict = field(default_factory=dict)  # id of a running builder -> its build's projected seconds
 
     def __post_init__(self):
@@ -780,11 +802,18 @@ class EtaEstimator:
         self.have_models, self.training_time = set(self.have_models), set(self.training_time)
         self.claimed: set[str] = set()  # models a running trial builds
         self.took: dict = {}  # id of a running trial -> the queue entry its start took it from
-        # earlier runs' figures (learn): the same fields, consulted after this run's own
-        self.past_defense: dict = {}
-        self.past_variant: dict = {}
-        self.past_builds: dict = {}
-        self.past_overheads: list = []
+
+    @classmethod
+    def for_trials(cls, todo: list[Trial], trials: list[Trial], rows: list[dict], *, have_models: Iterable[str],
+                   training_time: Iterable[str], slots: Optional[int] = None, extra=()) -> "EtaEstimator":
+        """The estimate of a run of ``todo`` (and ``extra`` queue entries: a search's, by defense name) from
+        the ``rows`` its results directory holds; ``trials``, the spec's, name the variant of rows written
+        before ``defense_key`` existed."""
+        eta = cls([(t.model_key, cost_key(t.defense.as_dict())) for t in todo] + list(extra),
+                  have_models=have_models, training_time=training_time, slots=slots)
+        if rows:
+            eta.learn(rows, {t.trial_id: cost_key(t.defense.as_dict()) for t in trials})
+        return eta
 
     def learn(self, rows: Iterable[dict], keys: Optional[dict] = None) -> None:
         """Figures from rows an earlier run finished. A row's variant is its ``defense_key`` column, else
@@ -795,7 +824,7 @@ class EtaEstimator:
             if r.get("status") != "ok":
                 continue
             key = keys.get(r.get("trial_id")) or (r.get("defense"), r.get("defense_key") or None)
-            self._add(r, key, self.past_defense, self.past_variant, self.past_builds, self.past_overheads)
+            self.past.add(r, key)
 
     # events ---------------------------------------------------------------------------------------
     def _builds(self, model_key: str, defense) -> bool:
@@ -860,29 +889,14 @@ class EtaEstimator:
             self.have_models.add(key)  # the model exists now
         if row.get("status") != "ok":
             return  # a failed or stopped trial's times say little about a whole one's
-        self._add(row, defense, self.defense_secs, self.variant_secs, self.build_secs, self.overheads)
-
-    @staticmethod
-    def _add(row: dict, defense: tuple, by_name: dict, by_variant: dict, builds: dict, overheads: list) -> None:
-        key = row.get("model_key")
-        ds, bs = row.get("defense_seconds"), row.get("attack_seconds")
-        if _finite(ds):
-            by_name.setdefault(defense[0], []).append(float(ds))
-            if defense[1] is not None:
-                by_variant.setdefault(defense, []).append(float(ds))
-        if _finite(bs) and key is not None:
-            builds[key] = float(bs)
-        wall = _iso_seconds(row.get("started_at"), row.get("finished_at"))
-        if wall is not None and _finite(ds):
-            built = float(bs) if _finite(bs) and row.get("attack_cached") is False else 0.0
-            overheads.append(max(0.0, wall - float(ds) - built))
+        self.own.add(row, defense)
 
     # estimates ------------------------------------------------------------------------------------
     def defense_time(self, defense, now: Optional[float] = None) -> Optional[float]:
         defense = _pair(defense)
         name = defense[0]
-        for figures in (self.variant_secs.get(defense), self.past_variant.get(defense),
-                        self.defense_secs.get(name), self.past_defense.get(name)):
+        for figures in (self.own.by_variant.get(defense), self.past.by_variant.get(defense),
+                        self.own.by_name.get(name), self.past.by_name.get(name)):
             own = _mean(figures or ())
             if own is not None:
                 return own
@@ -895,8 +909,7 @@ class EtaEstimator:
         running = max((now - st for st, _, d, b in self.running.values() if d == defense and not b),
                       default=0.0) if now is not None else 0.0
         tt = name in self.training_time
-        seen = {**self.past_defense, **self.defense_secs}  # this run's figures for a name replace the past's
-        seen = {d: xs for d, xs in seen.items() if d != "none"}
+        seen = {d: xs for d, xs in self._by_name().items() if d != "none"}
         est = _mean(x for d, xs in seen.items() if (d in self.training_time) == tt for x in xs)
         if est is None and tt:
             est = self.build_time()
@@ -909,11 +922,14 @@ class EtaEstimator:
     def build_time(self) -> Optional[float]:
         """A model build: the mean of the builds finished, else of the running builds' projections, else of
         earlier runs' builds."""
-        for b in (_mean(self.build_secs.values()), _mean(self.build_proj.values()), _mean(self.past_builds.values())):
+        for b in (_mean(self.own.builds.values()), _mean(self.build_proj.values()), _mean(self.past.builds.values())):
             if b is not None:
                 return b
-        seen = {**self.past_defense, **self.defense_secs}
-        return _mean(x for d, xs in seen.items() if d in self.training_time for x in xs)
+        return _mean(x for d, xs in self._by_name().items() if d in self.training_time for x in xs)
+
+    def _by_name(self) -> dict:
+        """Each defense name's figures: this run's where it has any, else the past's."""
+        return {**self.past.by_name, **self.own.by_name}
 
     def trial_time(self, defense, builds: bool, now: Optional[float] = None,
                    build: Optional[float] = None) -> Optional[float]:
@@ -921,7 +937,7 @@ class EtaEstimator:
         d = self.defense_time(defense, now)
         if d is None:
             return None
-        t = d + (_mean(self.overheads) or _mean(self.past_overheads) or 0.0)
+        t = d + (_mean(self.own.overheads) or _mean(self.past.overheads) or 0.0)
         if builds:
             b = build if build is not None else self.build_time()
             if b is None:

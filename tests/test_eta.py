@@ -240,7 +240,7 @@ def test_a_searched_trial_queued_by_name_leaves_the_queue_when_it_starts_under_i
     """A search's trials are queued by their defense's name (their parameters are not drawn yet); each starts
     with its own variant. It must leave the queue then, and go back to it if Tune retries it."""
     eta = EtaEstimator([("m", "ibau")] * 3, have_models={"m"}, slots=1)
-    eta.defense_secs = {"ibau": [100.0]}
+    eta.own.by_name = {"ibau": [100.0]}
     assert eta.eta(0.0) == pytest.approx(300.0)
     eta.start("a", "m", ("ibau", "drawn1"), 0.0)
     assert eta.queued[("m", ("ibau", None))] == 2

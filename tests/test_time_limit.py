@@ -32,8 +32,8 @@ def _eta():
     """Figures seen: a build takes 100 s, finetune 10 s, abl (training-time) 300 s; model m0 is built."""
     eta = EtaEstimator([("m0", "finetune"), ("m1", "finetune"), ("m0", "abl")], have_models={"m0"},
                        training_time={"abl"})
-    eta.defense_secs = {"finetune": [10.0], "abl": [300.0]}
-    eta.build_secs = {"m0": 100.0}
+    eta.own.by_name = {"finetune": [10.0], "abl": [300.0]}
+    eta.own.builds = {"m0": 100.0}
     return eta
 
 
@@ -65,7 +65,7 @@ def test_the_feed_skips_what_does_not_fit_and_hands_out_what_does():
         "defenses": [{"name": "abl"}, {"name": "finetune"}]}))
     key = trials[0].model_key
     eta = _eta()
-    eta.defense_secs = {"finetune": [10.0], "abl": [300.0]}
+    eta.own.by_name = {"finetune": [10.0], "abl": [300.0]}
     eta.have_models = {key}
     gate = Gate(100.0, eta, clock=Clock())
     feed = _Feed(list(trials), gate)
