@@ -106,5 +106,13 @@ class Defense:
     def uses_clean_set(cls) -> bool:
         return issubclass(cls.Params, CleanSetParams)
 
+    @classmethod
+    def work(cls, params: DefenseParams, n_clean: Optional[int]) -> Optional[float]:
+        """How much computing a run with ``params`` does on ``n_clean`` clean images, in any unit that is the
+        same across this defense's variants (images through the network, say); None when it cannot be told.
+        The ETA scales the time of one variant seen to another never seen by it (I-BAU on 5,000 images
+        does 50 times the work of I-BAU on 100 a round). Only its ratios matter."""
+        return None
+
     def apply(self, model: Optional[nn.Module], ctx: DefenseContext) -> nn.Module:
         raise NotImplementedError

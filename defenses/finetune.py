@@ -40,5 +40,9 @@ class Finetune(Defense):
     name = "finetune"
     Params = FinetuneParams
 
+    @classmethod
+    def work(cls, params, n_clean):
+        return params.epochs * n_clean if n_clean else None  # epochs over the clean set
+
     def apply(self, model, ctx):
         return fine_tune(model, ctx, self.params)

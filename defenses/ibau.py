@@ -133,6 +133,11 @@ class IBAU(Defense):
     name = "ibau"
     Params = IBAUParams
 
+    @classmethod
+    def work(cls, params, n_clean):
+        # each round: an inner and an outer pass over the clean set (cycled to min_samples)
+        return None if not n_clean else params.rounds * n_clean * max(1, math.ceil(params.min_samples / n_clean))
+
     def apply(self, model, ctx):
         p, dev = self.params, ctx.device
         model.to(dev).eval()  # BatchNorm frozen throughout, as in the code

@@ -151,6 +151,10 @@ class MCR(Defense):
     name = "mcr"
     Params = MCRParams
 
+    @classmethod
+    def work(cls, params, n_clean):  # the fine-tuned end point, then the curve's control point
+        return (params.epochs + params.curve_epochs) * n_clean if n_clean else None
+
     def apply(self, model, ctx):
         p = self.params
         model.to(ctx.device)

@@ -63,6 +63,10 @@ class NAD(Defense):
     name = "nad"
     Params = NADParams
 
+    @classmethod
+    def work(cls, params, n_clean):  # the teacher's epochs, then the student's, over the clean set
+        return (params.teacher_epochs + params.epochs) * n_clean if n_clean else None
+
     def apply(self, model, ctx):
         p = self.params
         teacher = copy.deepcopy(model)

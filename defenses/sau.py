@@ -130,6 +130,10 @@ class SAU(Defense):
     name = "sau"
     Params = SAUParams
 
+    @classmethod
+    def work(cls, params, n_clean):
+        return params.rounds * n_clean if n_clean else None  # passes over the clean set
+
     def apply(self, model, ctx):
         p = self.params
         model.to(ctx.device).requires_grad_(True)

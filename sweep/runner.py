@@ -714,6 +714,39 @@ def cost_key(defense: dict) -> tuple[str, str]:
     return defense["name"], content_hash(defense)
 
 
+def defense_work(name: str, params: dict, dataset: dict) -> Optional[float]:
+    """What a run of defense ``name`` with ``params`` on ``dataset`` (a trial's) computes (``Defense.work``), for
+    scaling one variant's seen time to another's; None when the defense does not say or the parameters do
+    not validate."""
+    from defenses import DEFENSES
+    from defenses.base import clean_count
+    from kernel.data import dataset_info
+
+    if name not in DEFENSES:
+        return None
+    cls = DEFENSES.get(name)
+    try:
+        p = cls.Params(**params)
+        info = dataset_info(dataset["name"])
+    except (ValueError, TypeError, KeyError):
+        return None
+    cs = getattr(p, "clean_size", None)
+    n = None if cs is None else clean_count(
+        cs, dataset.get("clean_pool") or dataset.get("train_size") or info.train_len, info.num_classes)
+    return cls.work(p, n)
+
+
+def _row_params(row: dict) -> dict:
+    """A row's defense parameters, from its ``defense.*`` columns (other defenses' columns are null)."""
+    out = {}
+    for k, v in row.items():
+        if k.startswith("defense.") and v is not None and not (isinstance(v, float) and math.isnan(v)):
+            # Parquet widens an int column holding nulls to float: 500.0 is the count 500 (a clean_size
+            # fraction is never whole; a float field takes the int as it is)
+            out[k[len("defense."):]] = int(v) if isinstance(v, float) and v.is_integer() else v
+    return out
+
+
 def _pair(defense) -> tuple:
     """A defense as the ETA keys it: ``(name, variant)``; a bare name has no variant (None)."""
     return tuple(defense) if isinstance(defense, (tuple, list)) else (defense, None)
@@ -782,7 +815,9 @@ class EtaEstimator:
     A defense is named by its name or by a ``(name, variant)`` pair (:func:`cost_key`: the name and a hash
     of its resolved parameters). A variant's own figures come first: I-BAU with 5,000 clean images costs
     40 times I-BAU with 100, and a time limit that took the mean of both would start the long one too late.
-    Then the name's mean, then the fallbacks above. :meth:`learn` adds the rows an earlier run left in the
+    A variant never seen is scaled from its name's variants that were, by what each computes
+    (``works``: ``Defense.work``, e.g. rounds x clean images for I-BAU; the spec's variants, filled in by
+    :meth:`for_trials`), where its defense says. Then the name's mean, then the fallbacks above. :meth:`learn` adds the rows an earlier run left in the
     same results directory (another piece of the sweep): they stand behind this run's own figures of the same
     variant, build or name, so the first hour of a piece is estimated from the pieces before it.
     """
@@ -796,6 +831,7 @@ class EtaEstimator:
     own: _Figures = field(default_factory=_Figures)  # this run's finished trials
     past: _Figures = field(default_factory=_Figures)  # earlier runs' (learn), consulted after
     build_proj: dict = field(default_factory=dict)  # id of a running builder -> its build's projected seconds
+    works: dict = field(default_factory=dict)  # (name, variant) -> its Defense.work, where the defense says
 
     def __post_init__(self):
         self.queued = Counter((k, _pair(d)) for k, d in self.queued)
@@ -809,10 +845,26 @@ class EtaEstimator:
         """The estimate of a run of ``todo`` (and ``extra`` queue entries: a search's, by defense name) from
         the ``rows`` its results directory holds; ``trials``, the spec's, name the variant of rows written
         before ``defense_key`` existed."""
+        works, keys = {}, {t.trial_id: cost_key(t.defense.as_dict()) for t in trials}
+        for t in [*trials, *todo]:
+            key = cost_key(t.defense.as_dict())
+            if key not in works:
+                works[key] = defense_work(t.defense.name, t.defense.params, t.dataset)
+        dataset = (trials or todo)[0].dataset if (trials or todo) else None
+        for r in rows:  # variants the spec no longer holds: by their rows' parameters, on the spec's dataset
+            if r.get("status") != "ok" or r.get("trial_id") in keys or dataset is None:
+                continue
+            params = _row_params(r)
+            # a row from before ``defense_key``: its parameters name its variant
+            key = (r.get("defense"), r.get("defense_key") or "row:" + content_hash(params))
+            keys[r.get("trial_id")] = key
+            if key not in works:
+                works[key] = defense_work(key[0], params, dataset)
         eta = cls([(t.model_key, cost_key(t.defense.as_dict())) for t in todo] + list(extra),
-                  have_models=have_models, training_time=training_time, slots=slots)
+                  have_models=have_models, training_time=training_time, slots=slots,
+                  works={k: w for k, w in works.items() if w})
         if rows:
-            eta.learn(rows, {t.trial_id: cost_key(t.defense.as_dict()) for t in trials})
+            eta.learn(rows, keys)
         return eta
 
     def learn(self, rows: Iterable[dict], keys: Optional[dict] = None) -> None:
@@ -895,8 +947,14 @@ class EtaEstimator:
     def defense_time(self, defense, now: Optional[float] = None) -> Optional[float]:
         defense = _pair(defense)
         name = defense[0]
-        for figures in (self.own.by_variant.get(defense), self.past.by_variant.get(defense),
-                        self.own.by_name.get(name), self.past.by_name.get(name)):
+        for figures in (self.own.by_variant.get(defense), self.past.by_variant.get(defense)):
+            own = _mean(figures or ())
+            if own is not None:
+                return own
+        scaled = self._scaled(defense)
+        if scaled is not None:
+            return scaled
+        for figures in (self.own.by_name.get(name), self.past.by_name.get(name)):
             own = _mean(figures or ())
             if own is not None:
                 return own
@@ -918,6 +976,27 @@ class EtaEstimator:
         if est is None:
             return running or None
         return max(est, running)
+
+    def _scaled(self, defense: tuple) -> Optional[float]:
+        """A variant never seen, from the variants of its name that were, by their ``works``: between two seen
+        works, the line through them; beyond the seen ones, in proportion to the nearest (this run's figures of
+        a variant before the past's)."""
+        w = self.works.get(defense)
+        if w is None:
+            return None
+        seen = {}
+        for figures in (self.past, self.own):  # this run's own figure of a variant replaces the past's
+            for v, xs in figures.by_variant.items():
+                if v[0] == defense[0] and self.works.get(v) and xs:
+                    seen[self.works[v]] = _mean(xs)
+        if not seen:
+            return None
+        below = max((x for x in seen if x <= w), default=None)
+        above = min((x for x in seen if x >= w), default=None)
+        if below is None or above is None or below == above:
+            near = below if above is None else above
+            return seen[near] * w / near
+        return seen[below] + (seen[above] - seen[below]) * (w - below) / (above - below)
 
     def build_time(self) -> Optional[float]:
         """A model build: the mean of the builds finished, else of the running builds' projections, else of

@@ -4,7 +4,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from sweep.runner import EtaEstimator, _Sink, format_seconds
+from sweep.runner import EtaEstimator, _Sink, cost_key, format_seconds
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
@@ -247,3 +247,60 @@ def test_a_searched_trial_queued_by_name_leaves_the_queue_when_it_starts_under_i
     assert eta.eta(40.0) == pytest.approx(60.0 + 200.0)
     eta.abandon("a")
     assert eta.queued[("m", ("ibau", None))] == 3 and eta.eta(40.0) == pytest.approx(300.0)
+
+
+def test_a_variant_never_seen_is_scaled_from_its_names_variants_by_their_work():
+    """Seen on the I-BAU release (2026-12-07): the piece at 5,000 clean images, never run before, was
+    estimated at the name's mean over 500- and 100-image rows (~150 s) where it takes ~10 times that. With
+    the defenses' work (rounds x clean images for I-BAU) it is scaled from the variants seen."""
+    v100, v500, v5000, v200 = ("ibau", "v100"), ("ibau", "v500"), ("ibau", "v5000"), ("ibau", "v200")
+    works = {v100: 5 * 100, v500: 5 * 500, v5000: 5 * 5000, v200: 5 * 200}
+    eta = EtaEstimator([("m", v5000), ("m", v200)], have_models={"m"}, slots=1, works=works)
+    eta.learn([{**row("m", "ibau", start=0, defense_s=25.0, overhead=0.0), "defense_key": "v100"},
+               {**row("m", "ibau", start=0, defense_s=80.0, overhead=0.0), "defense_key": "v500"}])
+    assert eta.defense_time(v5000) == pytest.approx(800.0)  # beyond the seen: in proportion to the nearest
+    assert eta.defense_time(v200) == pytest.approx(25.0 + 55.0 * 500 / 2000)  # between: the line
+    assert eta.defense_time(("ibau", "unknown")) == pytest.approx(52.5)  # no work known: the name's mean
+    assert eta.eta(0.0) == pytest.approx(800.0 + 25.0 + 55.0 * 500 / 2000)
+    eta.start("a", "m", v5000, 0.0)
+    eta.finish("a", row("m", "ibau", start=0, defense_s=600.0, overhead=0.0), 600.0)
+    assert eta.defense_time(v5000) == pytest.approx(600.0)  # its own figure, once it has one
+
+
+def test_the_defenses_say_what_their_variants_compute():
+    """Defense.work for the ETA, from a spec's trials: I-BAU scales with rounds x clean images, AWM's phases
+    are sized for at least min_samples images (100 and 500 clean images cost the same), a defense that does
+    not say gives None (the name's mean then)."""
+    from sweep.runner import defense_work
+    from sweep.spec import expand, parse_spec
+
+    spec = parse_spec({"name": "w", "dataset": {"name": "synthetic", "train_size": 2000}, "model": "small_cnn",
+                       "attacks": [{"name": "badnets"}],
+                       "defenses": [{"name": "ibau", "clean_size": [100, 500]}, {"name": "ibau", "rounds": 10,
+                                    "clean_size": 100}, {"name": "awm", "clean_size": [100, 500, "one_shot"]},
+                                    {"name": "finetune", "clean_size": 0.05}, {"name": "clp"}]})
+    works = [(t.defense.name, t.defense.params.get("clean_size"), defense_work(t.defense.name, t.defense.params, t.dataset))
+             for t in expand(spec)]
+    by = {(n, cs, w) for n, cs, w in works}
+    assert ("ibau", 100, 500) in by and ("ibau", 500, 2500) in by and ("ibau", 100, 1000) in by
+    awm = {w for n, _, w in works if n == "awm"}
+    assert len(awm) == 1 and awm.pop() == 10 * 512 * 10
+    assert ("finetune", 0.05, 20 * 100) in by
+    assert ("clp", None, None) in by
+
+
+def test_rows_of_a_configuration_the_spec_no_longer_holds_still_scale_by_their_parameters():
+    """The release's first piece ran I-BAU with defaults since changed, before rows had defense_key: those rows
+    match no trial of the spec. Their defense.* columns (Parquet's floats for counts) give their work, so a
+    new configuration is scaled from them instead of estimated at the name's mean."""
+    from sweep.spec import expand, parse_spec
+
+    spec = parse_spec({"name": "w", "dataset": {"name": "synthetic", "train_size": 2000}, "model": "small_cnn",
+                       "attacks": [{"name": "badnets"}], "defenses": [{"name": "ibau", "clean_size": 1000}]})
+    todo = expand(spec)
+    old = [{**row(todo[0].model_key, "ibau", start=0, defense_s=s, overhead=0.0), "trial_id": f"gone{i}",
+            "defense.clean_size": float(n), "defense.rounds": 5.0, "defense.portion": 0.1, "defense.lr": None}
+           for i, (n, s) in enumerate([(500, 80.0), (100, 20.0)])]
+    eta = EtaEstimator.for_trials(todo, todo, old, have_models={todo[0].model_key}, training_time=set(), slots=1)
+    new = cost_key(todo[0].defense.as_dict())
+    assert eta.estimate(todo[0].model_key, new, 0.0) == pytest.approx(160.0)  # 1,000 images: twice the 500-image row
