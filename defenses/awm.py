@@ -126,8 +126,6 @@ class AWM(Defense):
     @classmethod
     def work(cls, params, n_clean):
         # each round: the trigger phase and the mask phase, both sized by the (expanded) clean set
-        if not n_clean:
-            return None
         per_inner = math.ceil(max(n_clean, params.min_samples) / params.batch_size) * params.batch_size
         return params.rounds * per_inner * (params.inner + (params.trigger_inner or params.inner))
 

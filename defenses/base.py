@@ -108,8 +108,9 @@ class Defense:
 
     @classmethod
     def work(cls, params: DefenseParams, n_clean: Optional[int]) -> Optional[float]:
-        """How much computing a run with ``params`` does on ``n_clean`` clean images, in any unit that is the
-        same across this defense's variants (images through the network, say); None when it cannot be told.
+        """How much computing a run with ``params`` does on ``n_clean`` clean images (None only for a defense
+        without a clean set), in any unit that is the same across this defense's variants (images through the
+        network, say); None when it cannot be told.
         The ETA scales the time of one variant seen to another never seen by it (I-BAU on 5,000 images
         does 50 times the work of I-BAU on 100 a round). Only its ratios matter."""
         return None

@@ -42,7 +42,7 @@ class Finetune(Defense):
 
     @classmethod
     def work(cls, params, n_clean):
-        return params.epochs * n_clean if n_clean else None  # epochs over the clean set
+        return params.epochs * n_clean  # epochs over the clean set
 
     def apply(self, model, ctx):
         return fine_tune(model, ctx, self.params)

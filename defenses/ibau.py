@@ -136,7 +136,7 @@ class IBAU(Defense):
     @classmethod
     def work(cls, params, n_clean):
         # each round: an inner and an outer pass over the clean set (cycled to min_samples)
-        return None if not n_clean else params.rounds * n_clean * max(1, math.ceil(params.min_samples / n_clean))
+        return params.rounds * n_clean * max(1, math.ceil(params.min_samples / n_clean))
 
     def apply(self, model, ctx):
         p, dev = self.params, ctx.device

@@ -153,7 +153,7 @@ class MCR(Defense):
 
     @classmethod
     def work(cls, params, n_clean):  # the fine-tuned end point, then the curve's control point
-        return (params.epochs + params.curve_epochs) * n_clean if n_clean else None
+        return (params.epochs + params.curve_epochs) * n_clean
 
     def apply(self, model, ctx):
         p = self.params

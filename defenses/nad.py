@@ -65,7 +65,7 @@ class NAD(Defense):
 
     @classmethod
     def work(cls, params, n_clean):  # the teacher's epochs, then the student's, over the clean set
-        return (params.teacher_epochs + params.epochs) * n_clean if n_clean else None
+        return (params.teacher_epochs + params.epochs) * n_clean
 
     def apply(self, model, ctx):
         p = self.params

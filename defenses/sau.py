@@ -132,7 +132,7 @@ class SAU(Defense):
 
     @classmethod
     def work(cls, params, n_clean):
-        return params.rounds * n_clean if n_clean else None  # passes over the clean set
+        return params.rounds * n_clean  # passes over the clean set
 
     def apply(self, model, ctx):
         p = self.params

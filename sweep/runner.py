@@ -842,15 +842,16 @@ class EtaEstimator:
     @classmethod
     def for_trials(cls, todo: list[Trial], trials: list[Trial], rows: list[dict], *, have_models: Iterable[str],
                    training_time: Iterable[str], slots: Optional[int] = None, extra=()) -> "EtaEstimator":
-        """The estimate of a run of ``todo`` (and ``extra`` queue entries: a search's, by defense name) from
-        the ``rows`` its results directory holds; ``trials``, the spec's, name the variant of rows written
-        before ``defense_key`` existed."""
-        works, keys = {}, {t.trial_id: cost_key(t.defense.as_dict()) for t in trials}
-        for t in [*trials, *todo]:
-            key = cost_key(t.defense.as_dict())
-            if key not in works:
-                works[key] = defense_work(t.defense.name, t.defense.params, t.dataset)
-        dataset = (trials or todo)[0].dataset if (trials or todo) else None
+        """The estimate of a run of ``todo`` (the part of ``trials``, the spec's, still to run; and ``extra``
+        queue entries: a search's, by defense name) from the ``rows`` its results directory holds; ``trials``
+        name the variant of rows written before ``defense_key`` existed."""
+        keys = {t.trial_id: cost_key(t.defense.as_dict()) for t in trials}  # each trial's hash, once
+        works = {}
+        for t in trials:
+            if keys[t.trial_id] not in works:
+                works[keys[t.trial_id]] = defense_work(t.defense.name, t.defense.params, t.dataset)
+        queue = [(t.model_key, keys[t.trial_id]) for t in todo]
+        dataset = trials[0].dataset if trials else None
         for r in rows:  # variants the spec no longer holds: by their rows' parameters, on the spec's dataset
             if r.get("status") != "ok" or r.get("trial_id") in keys or dataset is None:
                 continue
@@ -860,7 +861,7 @@ class EtaEstimator:
             keys[r.get("trial_id")] = key
             if key not in works:
                 works[key] = defense_work(key[0], params, dataset)
-        eta = cls([(t.model_key, cost_key(t.defense.as_dict())) for t in todo] + list(extra),
+        eta = cls(queue + list(extra),
                   have_models=have_models, training_time=training_time, slots=slots,
                   works={k: w for k, w in works.items() if w})
         if rows:
