@@ -38,6 +38,7 @@ import io
 import json
 import sys
 import time
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -140,7 +141,6 @@ def main() -> None:
     ap.add_argument("--clean-size", type=int, default=5000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--inner-on", choices=["clean", "triggered"], default="clean")
-    ap.add_argument("--no-augment", action="store_true")
     ap.add_argument("--notebook", action="store_true", help="replay the notebook's rounds (module doc)")
     ap.add_argument("--checkpoint", type=Path, default=None,
                     help="another model file with --model's trigger (e.g. a model of the engine's store)")
@@ -154,8 +154,16 @@ def main() -> None:
     ap.add_argument("--note", default="")
     fields = DEFENSES.get("ibau").Params.model_fields
     for name, f in fields.items():
-        if name not in ("clean_size", "augment") and f.annotation in (int, float):
-            ap.add_argument("--" + name.replace("_", "-"), type=f.annotation, default=None)
+        # every ibau parameter but clean_size is a flag; left out, it keeps ibau's default
+        flag, kind = "--" + name.replace("_", "-"), f.annotation
+        if name == "clean_size":
+            continue
+        if kind is bool:  # --augment / --no-augment, --projected-map / --no-projected-map
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.description)
+        elif kind in (int, float):
+            ap.add_argument(flag, type=kind, default=None, help=f.description)
+        elif typing.get_origin(kind) is typing.Literal:
+            ap.add_argument(flag, choices=typing.get_args(kind), default=None, help=f.description)
     a = ap.parse_args()
 
     stem, attack_name, aparams, afiles = MODELS[a.model]
@@ -172,7 +180,7 @@ def main() -> None:
     model = load_checkpoint(create_model("vgg_small", 10, 3, *norm), a.checkpoint or RELEASE / f"{stem}_ckpt.pth")
 
     over = {k: getattr(a, k) for k in fields if k != "clean_size" and getattr(a, k, None) is not None}
-    params = DEFENSES.get("ibau").Params(clean_size=a.clean_size, augment=not a.no_augment, **over)
+    params = DEFENSES.get("ibau").Params(clean_size=a.clean_size, **over)  # flags left out: ibau's defaults
     defense = DEFENSES.get("ibau")(params)
     clean = draw_clean_set(pool, torch.empty(0, dtype=torch.long), a.clean_size, a.seed, 10)
     # the notebook's poiloader: the same images, stamped with the trigger

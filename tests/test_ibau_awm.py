@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from defenses import DEFENSES
 from defenses.awm import AWM, AWMParams, conv_weights, project_l1, scale_l1
 from defenses.base import DefenseContext, draw_clean_set
-from defenses.ibau import IBAU, IBAUParams, implicit_hypergradient
+from defenses.ibau import IBAU, IBAUParams, implicit_hypergradient, project_l2
 from kernel.data import Split
 from kernel.train import TrainConfig
 from toys import backdoored_synthetic, defense_setup
@@ -75,6 +75,34 @@ def test_implicit_term_matters():
     constant = torch.autograd.grad(outer_loss(d, theta), theta)  # ∂_θ L only
     assert _rel_err(constant, want) > 0.1
     assert _rel_err(implicit_hypergradient(outer_loss, inner_map, theta, delta_star, K=400), want) < 1e-6
+
+
+def test_projected_map_gives_the_bounded_problems_hypergradient():
+    """Inner: min_δ ½‖δ − Wu‖² over ‖δ‖ ≤ C with ‖Wu‖ > C, so δ*(W) = C·Wu/‖Wu‖ (on the ball's surface).
+    The projected step P_C(δ − η(δ − Wu)) has δ* as its fixed point and gives the exact hypergradient; the
+    unprojected step (the I-BAU code's map) treats δ* as free to move radially and gets it wrong."""
+    g = torch.Generator().manual_seed(2)
+    d, C, eta = 5, 1.0, 0.5
+    W = torch.randn(d, d, generator=g, dtype=torch.float64).requires_grad_(True)
+    u, t = torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
+    assert float((W.detach() @ u).norm()) > 2 * C  # the bound is active
+
+    def outer_loss(delta, theta):
+        return 0.5 * (delta - t).pow(2).sum() + theta[0].sum()
+
+    def step(delta, theta):
+        return delta - eta * (delta - theta[0] @ u)
+
+    b = W @ u
+    want = torch.autograd.grad(outer_loss(C * b / b.norm(), [W]), [W])
+    delta_star = (C * b / b.norm()).detach()
+    projected = implicit_hypergradient(outer_loss, lambda dl, th: project_l2(step(dl, th), C), [W], delta_star, K=200)
+    assert _rel_err(projected, want) < 1e-8
+    assert _rel_err(implicit_hypergradient(outer_loss, step, [W], delta_star, K=200), want) > 0.1
+    # inside the ball the projection is the identity: both maps agree
+    inside = (0.5 * C * b / b.norm()).detach()
+    a = implicit_hypergradient(outer_loss, lambda dl, th: project_l2(step(dl, th), 10 * C), [W], inside, K=50)
+    assert _rel_err(a, implicit_hypergradient(outer_loss, step, [W], inside, K=50)) < 1e-12
 
 
 # ---------------------------------------------------------------------------------------------
