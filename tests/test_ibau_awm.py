@@ -187,6 +187,20 @@ def test_ibau_min_samples_cycles_the_clean_set(min_samples, steps, monkeypatch):
     assert [h["outer_steps"] for h in ctx.history] == [steps, steps] and len(calls) == 2
 
 
+@pytest.mark.parametrize("projected", [False, True])
+def test_ibau_projected_map_projects_inside_the_hypergradient(projected, monkeypatch):
+    """projected_map puts the L2 projection inside the fixed-point map: one differentiable projection per
+    outer step (grad enabled), besides the inner maximisation's (under no_grad); off, only the latter."""
+    import defenses.ibau as ibau_mod
+    info, train, model, ctx = defense_setup(n=32)
+    ctx.clean = train
+    in_graph, orig = [], ibau_mod.project_l2
+    monkeypatch.setattr(ibau_mod, "project_l2", lambda d, c: (in_graph.append(torch.is_grad_enabled()), orig(d, c))[1])
+    IBAU(IBAUParams(clean_size=32, rounds=2, K=1, batch_size=16, norm_bound=0.5, projected_map=projected)).apply(model, ctx)
+    assert sum(in_graph) == (2 * 2 if projected else 0)  # 2 rounds x 2 outer steps
+    assert len(in_graph) - sum(in_graph) == 2 * 2  # the inner passes' projections: 2 rounds x 2 batches
+
+
 @pytest.mark.parametrize("name,params", [
     ("ibau", {"rounds": 1, "K": 1, "batch_size": 16}),
     ("awm", {"rounds": 1, "inner": 1, "batch_size": 16, "min_samples": 16, "lr": 0.1}),
