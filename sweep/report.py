@@ -1,7 +1,11 @@
 """Paper-style tables from a results directory: attack rows × defense columns, mean ± std over seeds.
 
-A variant is labelled by its name and the parameters that vary across the sweep for that name, e.g.
-``badnets(poison_rate=0.05)`` or ``finetune(clean_size=100)``; parameters at one value are left out.
+A variant is labelled by its name and the parameters that vary across the sweep for that name and that it
+sets away from the method's registered default, e.g. ``ibau(clean_size=5000, lr=0.0003)`` beside
+``ibau(clean_size=5000)``: a table that holds a method's defaults and a few departures from them names only
+the departures. The papers' axes, poison rate and clean-set size, are named on every variant where they vary
+(``badnets(poison_rate=0.1)`` beside ``badnets(poison_rate=0.05)``). Parameters at one value across the
+sweep are left out.
 
 DER (defense effectiveness rating, BackdoorBench's definition with its sign error fixed) is computed per
 trial from the row's own before/after figures: (max(0, ΔASR) − max(0, ΔCA) + 1) / 2 with Δ = before −
@@ -13,11 +17,18 @@ the best configuration per attack, the objective over the trials, and a parallel
 """
 from __future__ import annotations
 
+import json
+import math
+
 import pandas as pd
 
+from attacks import ATTACKS
+from defenses import DEFENSES
 from kernel.metrics import der
 
 METRIC_NAMES = {"clean_acc": "CA", "asr": "ASR", "robust_acc": "RA", "der": "DER"}
+# the axes of the papers' tables: named on every variant when they vary, default or not
+AXES = ("attack.poison_rate", "defense.clean_size")
 
 
 def with_der(df: pd.DataFrame) -> pd.DataFrame:
@@ -37,18 +48,60 @@ def ordered(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def variant_labels(df: pd.DataFrame, kind: str) -> pd.Series:
-    """Label each row's attack (kind='attack') or defense variant by the parameters that vary."""
+    """Label each row's attack (kind='attack') or defense variant by the parameters that vary within its
+    method's rows and that the row sets away from the method's default (all that vary where the method or
+    the parameter is not registered: rows of an older version, or of a removed method)."""
     labels = pd.Series(df[kind].astype(str), index=df.index)
     for name, group in df.groupby(kind):
         # null counts as a value: a parameter left at its default (null, e.g. ABL's turning_epoch: the
         # sweep's epochs) in one variant and set in another still tells the two apart
         cols = [c for c in df.columns if c.startswith(kind + ".") and group[c].nunique(dropna=False) > 1]
-        if cols:
-            lab = group[cols].apply(
-                lambda r: f"{name}(" + ", ".join(
-                    f"{c.split('.', 1)[1]}={_value(r[c])}" for c in cols) + ")", axis=1)
-            labels.loc[group.index] = lab
+        if not cols:
+            continue
+        defaults = _defaults(kind, name)
+        shown = {c: [c in AXES or not (c in defaults and _same(v, defaults[c])) for v in group[c]]
+                 for c in cols}
+        # two rows differ in some varying parameter, and one of them is away from its default there, so
+        # labels stay distinct: the row at the default omits it, the other names it
+        labels.loc[group.index] = [
+            name + ("(" + ", ".join(parts) + ")" if parts else "")
+            for parts in ([f"{c.split('.', 1)[1]}={_value(group[c].iloc[i])}" for c in cols if shown[c][i]]
+                          for i in range(len(group)))]
     return labels
+
+
+def _defaults(kind: str, name: str) -> dict:
+    """``{'<kind>.<param>': default}`` of a registered method's parameters (empty for an unknown one)."""
+    registry = ATTACKS if kind == "attack" else DEFENSES
+    if name not in registry:
+        return {}
+    return {f"{kind}.{k}": f.get_default(call_default_factory=True)
+            for k, f in registry.get(name).Params.model_fields.items() if not f.is_required()}
+
+
+def _plain(v):
+    """A cell or a default as plain JSON-like data: rows hold JSON text where a column mixes types."""
+    if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA:
+        return None
+    if isinstance(v, str):
+        try:
+            return json.loads(v)
+        except ValueError:
+            return v
+    if isinstance(v, (tuple, list)):
+        return [_plain(x) for x in v]
+    if hasattr(v, "item"):  # a numpy scalar
+        return v.item()
+    return v
+
+
+def _same(cell, default) -> bool:
+    a, b = _plain(cell), _plain(default)
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b or a == b and type(a) is type(b)
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+    return a == b
 
 
 def _value(v) -> str:

@@ -4,6 +4,7 @@ The UI test starts `sweep ui` (a real MLflow server) on the sweep's store, finds
 client over HTTP, and renders the experiment page in headless Chromium (Debian's `chromium`, driven by
 Playwright). Set BDSWEEP_UI_SCREENSHOT=path to keep the screenshot (docs/mlflow_ui.png was made so).
 """
+import json
 import os
 import shutil
 import socket
@@ -184,14 +185,42 @@ def test_example_script_rebuilds_the_table_from_parquet_alone(results):
 
 
 def test_a_parameter_left_at_its_default_still_tells_variants_apart():
-    """ABL's turning_epoch is null (the sweep's epochs) in one variant and 10 in another: two columns."""
+    """ABL's turning_epoch is null (the sweep's epochs) in one variant and 10 in another: two columns. A
+    label names what a variant sets away from ABL's defaults (gamma 0.5, turning_epoch null); a method
+    the registry does not know (rows of a removed one) is named by everything that varies."""
     from sweep.report import variant_labels
 
     df = pd.DataFrame({"defense": ["abl", "abl", "abl"], "defense.gamma": [0.5, 0.5, 1.0],
                        "defense.turning_epoch": [None, 10.0, None]})
-    assert list(variant_labels(df, "defense")) == ["abl(gamma=0.5, turning_epoch=default)",
-                                                   "abl(gamma=0.5, turning_epoch=10)",
-                                                   "abl(gamma=1, turning_epoch=default)"]
+    assert list(variant_labels(df, "defense")) == ["abl", "abl(turning_epoch=10)", "abl(gamma=1)"]
+    df["defense"] = "gone"
+    assert list(variant_labels(df, "defense")) == ["gone(gamma=0.5, turning_epoch=default)",
+                                                   "gone(gamma=0.5, turning_epoch=10)",
+                                                   "gone(gamma=1, turning_epoch=default)"]
+
+
+def test_labels_name_departures_from_the_defaults_and_the_papers_axes_always():
+    """The seeds table's I-BAU columns: the defaults at four clean-set sizes, one at outer lr 3e-4, one of
+    an older version's defaults (portion 0.1, augment). Only departures are named, clean_size (an axis)
+    always; every variant keeps a label of its own. Values held as JSON text (a column of mixed types)
+    compare as their values."""
+    from defenses import DEFENSES
+    from sweep.report import variant_labels
+
+    d = DEFENSES.get("ibau").Params()
+    rows = [(5000, d.lr, d.portion, d.augment), (500, d.lr, d.portion, d.augment),
+            (5000, 3e-4, d.portion, d.augment), (5000, d.lr, 0.1, True), ("one_shot", d.lr, d.portion, d.augment)]
+    df = pd.DataFrame({"defense": "ibau", "defense.augment": [r[3] for r in rows],  # columns sorted, as in rows
+                       "defense.clean_size": [r[0] if isinstance(r[0], str) else json.dumps(r[0]) for r in rows],
+                       "defense.lr": [r[1] for r in rows], "defense.portion": [r[2] for r in rows],
+                       "defense.rounds": [d.rounds] * len(rows)})  # one value: never named
+    labels = list(variant_labels(df, "defense"))
+    assert labels == ["ibau(clean_size=5000)", "ibau(clean_size=500)", "ibau(clean_size=5000, lr=0.0003)",
+                      "ibau(augment=True, clean_size=5000, portion=0.1)", "ibau(clean_size=one_shot)"]
+    assert len(set(labels)) == len(labels)
+    # poison_rate is an axis too: named at its default where it varies
+    att = pd.DataFrame({"attack": ["badnets", "badnets"], "attack.poison_rate": [0.1, 0.05]})
+    assert list(variant_labels(att, "attack")) == ["badnets(poison_rate=0.1)", "badnets(poison_rate=0.05)"]
 
 
 def test_only_parameters_swept_within_one_method_get_a_plot():
@@ -241,7 +270,7 @@ def test_tradeoff_tells_configurations_of_one_defense_apart():
     df = pd.DataFrame(rows)
     fig = tradeoff(df)
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
-    assert labels == ["before defense", "awm(rounds=10)", "awm(rounds=20)", "ibau"]
+    assert labels == ["before defense", "awm", "awm(rounds=20)", "ibau"]  # 10 rounds: AWM's default
     plt.close(fig)
     fig = tradeoff(df, max_variants=2)
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
