@@ -183,8 +183,8 @@ def _left(trials, results_dir, storage, slots=None) -> None:
 @main.command()
 @click.argument("results_dir", metavar="RESULTS", type=click.Path(exists=True, file_okay=False))
 @click.option("--metric", "metrics", multiple=True, default=None,
-              type=click.Choice(["clean_acc", "asr", "robust_acc", "der"]),
-              help="metrics to tabulate (default: CA and ASR printed; CA, ASR, RA and DER in files)")
+              type=click.Choice(["clean_acc", "ca_change", "asr", "robust_acc", "der"]),
+              help="metrics to tabulate (default: CA and ASR printed; CA, ΔCA, ASR, RA and DER in files)")
 @click.option("--format", "fmt", type=click.Choice(["md", "html", "csv"]), default=None,
               help="write a report file with tables and plots instead of printing the table")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
@@ -195,7 +195,8 @@ def _left(trials, results_dir, storage, slots=None) -> None:
                    "defense.P selectors, ca_before, asr_before, ca, asr in %, source, setting)")
 def report(results_dir, metrics, fmt, out, mlflow_uri, published):
     """The attack × defense tables (mean ± std over seeds, in %): printed, or as an md/html/csv report."""
-    from sweep.report import published_table, read_published, table, to_markdown, write_report, frame_markdown
+    from sweep.report import (REPORT_METRICS, frame_markdown, published_table, read_published, table, to_markdown,
+                              write_report)
     from sweep.results import load
 
     ref = None
@@ -206,7 +207,7 @@ def report(results_dir, metrics, fmt, out, mlflow_uri, published):
             click.echo(f"--published: {e}", err=True)
             sys.exit(2)
     if fmt:
-        path = write_report(results_dir, fmt, out, mlflow_uri, metrics or ("clean_acc", "asr", "robust_acc", "der"),
+        path = write_report(results_dir, fmt, out, mlflow_uri, metrics or REPORT_METRICS,
                             published=published)
         click.echo(f"report written to {path}")
         return

@@ -26,17 +26,22 @@ from attacks import ATTACKS
 from defenses import DEFENSES
 from kernel.metrics import der
 
-METRIC_NAMES = {"clean_acc": "CA", "asr": "ASR", "robust_acc": "RA", "der": "DER"}
+METRIC_NAMES = {"clean_acc": "CA", "ca_change": "ΔCA", "asr": "ASR", "robust_acc": "RA", "der": "DER"}
+# a report file's tables; ΔCA (after − before, points) because CA levels differ between models (the JPEG
+# copy of CIFAR-10 costs a model trained on the lossless files ~8 points) where the drop is what compares
+REPORT_METRICS = ("clean_acc", "ca_change", "asr", "robust_acc", "der")
 # the axes of the papers' tables: named on every variant when they vary, default or not
 AXES = ("attack.poison_rate", "defense.clean_size")
 
 
 def with_der(df: pd.DataFrame) -> pd.DataFrame:
-    """``df`` with a ``der`` column (null where a row lacks its before-defense figures)."""
+    """``df`` with the per-trial figures that need the model's before-defense ones (null where a row lacks
+    them): ``der``, and ``ca_change``, the defense's CA change (after − before, a fraction like CA)."""
     cols = ["attack_asr", "asr", "attack_clean_acc", "clean_acc"]
     ok = df[cols].notna().all(axis=1)
     vals = [der(*map(float, r)) if k else None for k, r in zip(ok, df[cols].itertuples(index=False))]
-    return df.assign(der=pd.array(vals, dtype="Float64"))
+    change = pd.to_numeric(df.clean_acc, errors="coerce") - pd.to_numeric(df.attack_clean_acc, errors="coerce")
+    return df.assign(der=pd.array(vals, dtype="Float64"), ca_change=change.astype("Float64"))
 
 
 def ordered(df: pd.DataFrame) -> pd.DataFrame:
@@ -118,6 +123,8 @@ def _fmt(mean: float, std: float, scale: float = 100, digits: int = 1) -> str:
 
 
 def _fmt_metric(m: str, mean: float, std: float) -> str:
+    if m == "ca_change" and not pd.isna(mean):  # signed: −4.9 is a loss of 4.9 points
+        return f"{100 * mean:+.1f}".replace("-", "−") + ("" if pd.isna(std) else f" ± {100 * std:.1f}")
     return _fmt(mean, std, 1, 3) if m == "der" else _fmt(mean, std)
 
 
@@ -125,7 +132,7 @@ def summary(df: pd.DataFrame, metrics=("clean_acc", "asr")) -> pd.DataFrame:
     """Mean and std over seeds per (attack variant, defense variant) of successful trials (of a search: the
     best trial of each backdoored model)."""
     ok = ordered(searches_as_best(df[df.status == "ok"]))
-    if "der" in metrics and "der" not in ok.columns:
+    if {"der", "ca_change"} & set(metrics) - set(ok.columns):
         ok = with_der(ok)
     ok["attack_variant"] = variant_labels(ok, "attack")
     ok["defense_variant"] = variant_labels(ok, "defense")
@@ -297,7 +304,7 @@ def trigger_images(df: pd.DataFrame, uri: str, limit: int = 24) -> list[tuple[st
 
 
 def write_report(results_dir, fmt: str = "html", out=None, mlflow_uri: str | None = None,
-                 metrics=("clean_acc", "asr", "robust_acc", "der"), log_to_mlflow: bool = True,
+                 metrics=REPORT_METRICS, log_to_mlflow: bool = True,
                  published=None):
     """Write the report of ``results_dir`` as ``fmt`` (md, html or csv); returns the main file's path.
     ``published``: a file of published figures (:func:`read_published`), tabulated beside ours.
@@ -359,7 +366,7 @@ def write_report(results_dir, fmt: str = "html", out=None, mlflow_uri: str | Non
     n_ok, n_failed, n_stopped = (int((df.status == k).sum()) for k in ("ok", "failed", "stopped"))
     stopped = f", {n_stopped} stopped early by a search's scheduler" if n_stopped else ""
     head = (f"Sweep {sweep_name}: {n_ok} trials ok, {n_failed} failed{stopped}. Cells: mean ± std over seeds "
-            "(%; DER in [0, 1]).")
+            "(%; ΔCA: the defense's CA change against its model's, in points; DER in [0, 1]).")
     if fmt == "csv":
         _tidy(df, metrics).to_csv(main, index=False)
         if beside is not None:

@@ -92,18 +92,24 @@ def test_html_report_numbers_match_pandas_on_the_parquet(results, tmp_path):
     ok = df[df.status == "ok"]
     assert len(ok) == 2 * 4 * 2
     label = {50: "finetune(clean_size=50)", 100: "finetune(clean_size=100)"}
-    for metric, scale, digits in (("clean_acc", 100, 1), ("asr", 100, 1), ("robust_acc", 100, 1), ("der", 1, 3)):
+    sign = {"ca_change": "+"}  # ΔCA is signed, with a true minus sign
+    for metric, scale, digits in (("clean_acc", 100, 1), ("ca_change", 100, 1), ("asr", 100, 1),
+                                  ("robust_acc", 100, 1), ("der", 1, 3)):
         rows = page.tables[f"metric-{metric}"]
         header = rows[0]
         body = {r[0]: dict(zip(header[1:], r[1:])) for r in rows[1:]}
+        fmt = sign.get(metric, "")
         for (attack, defense, cs), g in ok.groupby(["attack", "defense", "defense.clean_size"], dropna=False):
             col = label[int(cs)] if defense == "finetune" else defense
             vals = g[metric].astype(float)
-            expect = f"{scale * vals.mean():.{digits}f} ± {scale * vals.std():.{digits}f}"
+            if metric == "ca_change":  # computed here from the row's own before/after figures
+                assert (vals == g.clean_acc.astype(float) - g.attack_clean_acc.astype(float)).all()
+            expect = f"{scale * vals.mean():{fmt}.{digits}f}".replace("-", "−") + f" ± {scale * vals.std():.{digits}f}"
             assert body[attack][col] == expect, (metric, attack, col)
         # the Average row: mean over attacks of the per-attack means
         means = ok[ok.defense == "none"].groupby("attack")[metric].mean().astype(float)
-        assert body["Average"]["none"] == f"{scale * means.mean():.{digits}f}"
+        assert body["Average"]["none"] == f"{scale * means.mean():{fmt}.{digits}f}".replace("-", "−")
+    assert set(page.tables["metric-ca_change"][1][1:]) != {"+0.0 ± 0.0"}  # the defenses changed the CA
 
 
 def test_md_and_csv_reports_write_figures_beside(results, tmp_path):
@@ -115,7 +121,7 @@ def test_md_and_csv_reports_write_figures_beside(results, tmp_path):
     md = (tmp_path / "md" / "report.md").read_text()
     assert "## ASR" in md and "![tradeoff](tradeoff.png)" in md
     tidy = pd.read_csv(tmp_path / "csv" / "report.csv")
-    assert set(tidy.metric) == {"clean_acc", "asr", "robust_acc", "der"}
+    assert set(tidy.metric) == {"clean_acc", "ca_change", "asr", "robust_acc", "der"}
     assert (tidy.n == 2).all()
 
 
