@@ -64,8 +64,10 @@ def variant_labels(df: pd.DataFrame, kind: str) -> pd.Series:
         if not cols:
             continue
         defaults = _defaults(kind, name)
-        shown = {c: [c in AXES or not (c in defaults and _same(v, defaults[c])) for v in group[c]]
-                 for c in cols}
+        # a null where the method has a default is a row from before the parameter existed (the rows keep
+        # what each version resolved), which ran as its default does: the same variant, the same label
+        shown = {c: [c in AXES or not (c in defaults and (_plain(v) is None or _same(v, defaults[c])))
+                     for v in group[c]] for c in cols}
         # two rows differ in some varying parameter, and one of them is away from its default there, so
         # labels stay distinct: the row at the default omits it, the other names it
         labels.loc[group.index] = [

@@ -224,6 +224,12 @@ def test_labels_name_departures_from_the_defaults_and_the_papers_axes_always():
     assert labels == ["ibau(clean_size=5000)", "ibau(clean_size=500)", "ibau(clean_size=5000, lr=0.0003)",
                       "ibau(augment=True, clean_size=5000, portion=0.1)", "ibau(clean_size=one_shot)"]
     assert len(set(labels)) == len(labels)
+    # rows written before a parameter existed hold null for it; they ran as its default does, so they share
+    # the later rows' column (projected_map came in session 17; the seeds table split in two without this)
+    df["defense.projected_map"] = [None, None, False, None, False]
+    assert list(variant_labels(df, "defense")) == labels
+    df.loc[1, "defense.projected_map"] = True
+    assert variant_labels(df, "defense")[1] == "ibau(clean_size=500, projected_map=True)"
     # poison_rate is an axis too: named at its default where it varies
     att = pd.DataFrame({"attack": ["badnets", "badnets"], "attack.poison_rate": [0.1, 0.05]})
     assert list(variant_labels(att, "attack")) == ["badnets(poison_rate=0.1)", "badnets(poison_rate=0.05)"]
