@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from sweep.report import METRIC_NAMES, ordered, variant_labels  # noqa: E402
+from sweep.report import METRIC_NAMES, ordered, value_key, variant_labels  # noqa: E402
 
 
 def swept_params(df: pd.DataFrame) -> list[str]:
@@ -53,22 +53,12 @@ def _lines(rows: pd.DataFrame, param: str) -> pd.Series:
     return variant_labels(rest, "attack") + " / " + variant_labels(rest, "defense")
 
 
-def _sort_key(v):
-    """Order swept values numerically where they are numbers; 'one_shot' (one image per class) first."""
-    if v == "one_shot":
-        return (0, 0.0, "")
-    try:
-        return (1, float(v), "")
-    except (TypeError, ValueError):
-        return (2, 0.0, str(v))
-
-
 def metric_vs_param(df: pd.DataFrame, param: str, metrics=("asr", "clean_acc")) -> plt.Figure:
     """One panel per metric; x: the values of ``param`` (evenly spaced, in order), y: mean ± std over seeds."""
     kind = param.split(".", 1)[0]
     ok = ordered(df[(df.status == "ok") & df[param].notna()])
     line = _lines(ok, param)  # the variants *other than* this parameter
-    values = sorted(ok[param].unique(), key=_sort_key)
+    values = sorted(ok[param].unique(), key=value_key)
     pos = {v: i for i, v in enumerate(values)}
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.8), squeeze=False)
     for ax, m in zip(axes[0], metrics):
@@ -188,7 +178,7 @@ def _axis(values: pd.Series, dist=None):
         t, (tlo, thi) = (np.log10(v), np.log10([lo, hi])) if log else (v, (lo, hi))
         pos = (t - tlo) / (thi - tlo) if thi > tlo else np.full(len(t), 0.5)
         return pos, [(0.0, f"{lo:.3g}"), (1.0, f"{hi:.3g}")]
-    cats = sorted(values.astype(str).unique(), key=_sort_key)
+    cats = sorted(values.astype(str).unique(), key=value_key)
     if kind == "choice" and set(cats) <= {str(c) for c in dist.choice}:
         cats = [str(c) for c in dist.choice]  # every choice on the axis, in the spec's order
     idx = {c: i for i, c in enumerate(cats)}

@@ -44,12 +44,28 @@ def with_der(df: pd.DataFrame) -> pd.DataFrame:
     return df.assign(der=pd.array(vals, dtype="Float64"), ca_change=change.astype("Float64"))
 
 
-def ordered(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows in the tables' order: the 'none' references first, then by name and parameters."""
-    keys = sorted(c for c in df.columns if c.startswith(("attack.", "defense.")))
-    return (df.assign(_a=df.attack != "none", _d=df.defense != "none")
-              .sort_values(["_a", "attack", "_d", "defense", *keys], kind="stable")
-              .drop(columns=["_a", "_d"]))
+def value_key(v):
+    """Order a parameter's values numerically where they are numbers (rows hold some as JSON text), 'one_shot'
+    (one image per class) first, other text after the numbers, nulls last."""
+    if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA:
+        return (3, 0.0, "")
+    if v == "one_shot":
+        return (0, 0.0, "")
+    try:
+        return (1, float(v), "")
+    except (TypeError, ValueError):
+        return (2, 0.0, str(v))
+
+
+def ordered(df: pd.DataFrame, kinds=("attack", "defense")) -> pd.DataFrame:
+    """Rows in the tables' order: the 'none' references first, then by name and parameters (clean_size
+    one-shot, 100, 500, 5000, not as text). ``kinds=('defense',)``: by the defense alone."""
+    cols = []
+    for kind in kinds:
+        cols += [f"_{kind}", kind, *sorted(c for c in df.columns if c.startswith(kind + "."))]
+    flags = {f"_{kind}": df[kind] != "none" for kind in kinds}
+    key = lambda col: col if col.name in flags or col.name in kinds else col.map(value_key)  # noqa: E731
+    return df.assign(**flags).sort_values(cols, kind="stable", key=key).drop(columns=list(flags))
 
 
 def variant_labels(df: pd.DataFrame, kind: str) -> pd.Series:
@@ -139,7 +155,10 @@ def summary(df: pd.DataFrame, metrics=("clean_acc", "asr")) -> pd.DataFrame:
     ok["attack_variant"] = variant_labels(ok, "attack")
     ok["defense_variant"] = variant_labels(ok, "defense")
     g = ok.groupby(["attack_variant", "defense_variant"], sort=False)[list(metrics)]
-    return g.agg(["mean", "std", "count"])
+    out = g.agg(["mean", "std", "count"])
+    # the tables' columns in the defenses' order, not in the order the attacks first show them
+    out.attrs["defense_order"] = list(dict.fromkeys(ordered(ok, ("defense",)).defense_variant))
+    return out
 
 
 def table(df: pd.DataFrame, metrics=("clean_acc", "asr")) -> pd.DataFrame:
@@ -150,6 +169,8 @@ def table(df: pd.DataFrame, metrics=("clean_acc", "asr")) -> pd.DataFrame:
         for m in metrics:
             cells.setdefault((dfn, METRIC_NAMES[m]), {})[att] = _fmt_metric(m, r[(m, "mean")], r[(m, "std")])
     t = pd.DataFrame(cells)
+    order = {d: i for i, d in enumerate(s.attrs.get("defense_order", []))}
+    t = t[sorted(t.columns, key=lambda c: (order.get(c[0], len(order)), list(metrics).index(_metric_of(c[1]))))]
     means = s.xs("mean", axis=1, level=1)
     avg = means.groupby(level="defense_variant", sort=False).mean()  # over attack variants
     for dfn, r in avg.iterrows():
@@ -157,6 +178,10 @@ def table(df: pd.DataFrame, metrics=("clean_acc", "asr")) -> pd.DataFrame:
             t.loc["Average", (dfn, METRIC_NAMES[m])] = _fmt_metric(m, r[m], float("nan"))
     t.index.name = "attack"
     return t.fillna("–")
+
+
+def _metric_of(name: str) -> str:
+    return next(k for k, v in METRIC_NAMES.items() if v == name)
 
 
 def to_markdown(t: pd.DataFrame) -> str:

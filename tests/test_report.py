@@ -370,3 +370,22 @@ def test_a_malformed_published_file_is_refused_naming_the_column(results, tmp_pa
     (tmp_path / "bad.csv").write_text(text)
     r = CliRunner().invoke(main, ["report", str(results), "--published", str(tmp_path / "bad.csv")])
     assert r.exit_code == 2 and message in r.output, r.output
+
+
+def test_table_columns_follow_the_defenses_not_the_attacks():
+    """A variant that only the last attack has (AWM at 5,000 on Trojan-WM) takes its place among AWM's
+    columns, and clean sizes run one-shot, 100, 500, 5000 (numbers, not text: '5000' < '600' as text)."""
+    from sweep.report import table
+
+    rows = [("badnets", "awm", "500"), ("badnets", "awm", "100"), ("badnets", "ibau", "600"),
+            ("trojan_wm", "awm", "5000"), ("trojan_wm", "awm", "one_shot"), ("trojan_wm", "ibau", "600")]
+    df = pd.DataFrame([{"status": "ok", "attack": a, "defense": d, "defense.clean_size": cs, "seed": 0,
+                        "clean_acc": 0.8, "asr": 0.1} for a, d, cs in rows]
+                      + [{"status": "ok", "attack": a, "defense": "none", "seed": 0, "clean_acc": 0.8, "asr": 1.0}
+                         for a in ("badnets", "trojan_wm")])
+    t = table(df)
+    assert [d for d, m in t.columns if m == "CA"] == [
+        "none", "awm(clean_size=one_shot)", "awm(clean_size=100)", "awm(clean_size=500)",
+        "awm(clean_size=5000)", "ibau"]  # one clean size within ibau: not named
+    assert [m for d, m in t.columns][:4] == ["CA", "ASR", "CA", "ASR"]
+    assert list(t.index) == ["badnets", "trojan_wm", "Average"]
