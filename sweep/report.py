@@ -84,8 +84,8 @@ def variant_labels(df: pd.DataFrame, kind: str) -> pd.Series:
         # what each version resolved), which ran as its default does: the same variant, the same label
         shown = {c: [c in AXES or not (c in defaults and (_plain(v) is None or _same(v, defaults[c])))
                      for v in group[c]] for c in cols}
-        # two rows differ in some varying parameter, and one of them is away from its default there, so
-        # labels stay distinct: the row at the default omits it, the other names it
+        # two rows that differ in some varying parameter (a null and the default aside) have one of them
+        # away from its default there, so labels stay distinct: the row at the default omits it
         labels.loc[group.index] = [
             name + ("(" + ", ".join(parts) + ")" if parts else "")
             for parts in ([f"{c.split('.', 1)[1]}={_value(group[c].iloc[i])}" for c in cols if shown[c][i]]
