@@ -44,10 +44,15 @@ def with_der(df: pd.DataFrame) -> pd.DataFrame:
     return df.assign(der=pd.array(vals, dtype="Float64"), ca_change=change.astype("Float64"))
 
 
+def _missing(v) -> bool:
+    """A null cell (None, NaN, pd.NA); unlike pd.isna, also safe on a list-valued default."""
+    return v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v))
+
+
 def value_key(v):
     """Order a parameter's values numerically where they are numbers (rows hold some as JSON text), 'one_shot'
     (one image per class) first, other text after the numbers, nulls last."""
-    if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA:
+    if _missing(v):
         return (3, 0.0, "")
     if v == "one_shot":
         return (0, 0.0, "")
@@ -104,7 +109,7 @@ def _defaults(kind: str, name: str) -> dict:
 
 def _plain(v):
     """A cell or a default as plain JSON-like data: rows hold JSON text where a column mixes types."""
-    if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA:
+    if _missing(v):
         return None
     if isinstance(v, str):
         try:
@@ -120,8 +125,8 @@ def _plain(v):
 
 def _same(cell, default) -> bool:
     a, b = _plain(cell), _plain(default)
-    if isinstance(a, bool) or isinstance(b, bool):
-        return a is b or a == b and type(a) is type(b)
+    if isinstance(a, bool) or isinstance(b, bool):  # True is not 1 here
+        return type(a) is type(b) and a == b
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
     return a == b
@@ -133,17 +138,17 @@ def _value(v) -> str:
     return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
 
 
-def _fmt(mean: float, std: float, scale: float = 100, digits: int = 1) -> str:
+def _fmt(mean: float, std: float, scale: float = 100, digits: int = 1, signed: bool = False) -> str:
     if pd.isna(mean):
         return "–"
-    m = f"{scale * mean:.{digits}f}"
+    m = f"{scale * mean:+.{digits}f}".replace("-", "−") if signed else f"{scale * mean:.{digits}f}"
     return m if pd.isna(std) else f"{m} ± {scale * std:.{digits}f}"
 
 
 def _fmt_metric(m: str, mean: float, std: float) -> str:
-    if m == "ca_change" and not pd.isna(mean):  # signed: −4.9 is a loss of 4.9 points
-        return f"{100 * mean:+.1f}".replace("-", "−") + ("" if pd.isna(std) else f" ± {100 * std:.1f}")
-    return _fmt(mean, std, 1, 3) if m == "der" else _fmt(mean, std)
+    if m == "der":
+        return _fmt(mean, std, 1, 3)
+    return _fmt(mean, std, signed=m == "ca_change")  # ΔCA signed: −4.9 is a loss of 4.9 points
 
 
 def summary(df: pd.DataFrame, metrics=("clean_acc", "asr")) -> pd.DataFrame:
@@ -169,8 +174,7 @@ def table(df: pd.DataFrame, metrics=("clean_acc", "asr")) -> pd.DataFrame:
         for m in metrics:
             cells.setdefault((dfn, METRIC_NAMES[m]), {})[att] = _fmt_metric(m, r[(m, "mean")], r[(m, "std")])
     t = pd.DataFrame(cells)
-    order = {d: i for i, d in enumerate(s.attrs.get("defense_order", []))}
-    t = t[sorted(t.columns, key=lambda c: (order.get(c[0], len(order)), list(metrics).index(_metric_of(c[1]))))]
+    t = t[[(d, METRIC_NAMES[m]) for d in s.attrs["defense_order"] for m in metrics]]
     means = s.xs("mean", axis=1, level=1)
     avg = means.groupby(level="defense_variant", sort=False).mean()  # over attack variants
     for dfn, r in avg.iterrows():
@@ -178,10 +182,6 @@ def table(df: pd.DataFrame, metrics=("clean_acc", "asr")) -> pd.DataFrame:
             t.loc["Average", (dfn, METRIC_NAMES[m])] = _fmt_metric(m, r[m], float("nan"))
     t.index.name = "attack"
     return t.fillna("–")
-
-
-def _metric_of(name: str) -> str:
-    return next(k for k, v in METRIC_NAMES.items() if v == name)
 
 
 def to_markdown(t: pd.DataFrame) -> str:
