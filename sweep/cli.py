@@ -1,4 +1,4 @@
-"""The ``sweep`` command: run, resume, validate, report, ui, list."""
+"""The ``sweep`` command: run, resume, validate, import, report, ui, list."""
 from __future__ import annotations
 
 import re
@@ -224,6 +224,22 @@ def report(results_dir, metrics, fmt, out, mlflow_uri, published):
     failed = int((df.status == "failed").sum())
     if failed:
         click.echo(f"\n{failed} failed trial(s); see the 'error' column of the results.")
+
+
+@main.command(name="import")
+@click.argument("sources", metavar="ROWS...", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--results", "results_dir", required=True, type=click.Path(file_okay=False), help="results directory")
+def import_(sources, results_dir):
+    """Add trial rows (a committed trials.parquet, another results directory) to RESULTS, so that a
+    `sweep run` there skips the trials they hold: how a spec run in pieces goes on on a new machine."""
+    from sweep.results import import_rows
+
+    try:
+        n, new = import_rows(results_dir, list(sources))
+    except ValueError as e:
+        click.echo(f"nothing imported: {e}", err=True)
+        sys.exit(2)
+    click.echo(f"{n} rows read, {new} trials new to {results_dir}")
 
 
 @main.command()

@@ -49,8 +49,15 @@ def _kind(values: list) -> pa.DataType:
     return pa.string()
 
 
+def _is_text(t: pa.DataType) -> bool:
+    # pandas 3 writes its strings as large_string: the same text as the engine's string, not a mixed column
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
 def _merge_type(a: pa.DataType, b: pa.DataType) -> pa.DataType:
     """The type of a column seen as ``a`` in one run and ``b`` in another."""
+    if _is_text(a) and _is_text(b):
+        return pa.string()
     if a == b or pa.types.is_null(b):
         return a
     if pa.types.is_null(a):
@@ -147,9 +154,12 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
             cols.append(pa.nulls(len(table), f.type))
         elif table.schema.field(f.name).type == f.type:
             cols.append(table[f.name])
-        elif pa.types.is_string(f.type):
-            # JSON text, as _cell writes mixed values (50 -> "50", 0.05 -> "0.05", True -> "true")
-            cols.append(pa.array([None if v is None else json.dumps(v) for v in table[f.name].to_pylist()], pa.string()))
+        elif pa.types.is_string(f.type) and not _is_text(table.schema.field(f.name).type):
+            # JSON text, as _cell writes mixed values (50 -> "50", 0.05 -> "0.05", True -> "true"). A whole
+            # float is written as the int it was: pandas reads an int column with nulls back as float64, so
+            # rows that went through pandas (a committed trials.parquet) hold 100.0 for clean_size 100.
+            cols.append(pa.array([None if v is None else json.dumps(int(v) if isinstance(v, float) and v.is_integer() else v)
+                                  for v in table[f.name].to_pylist()], pa.string()))
         else:
             cols.append(table[f.name].cast(f.type))
     return pa.Table.from_arrays(cols, schema=schema)
@@ -178,6 +188,53 @@ def compact(results_dir: str | Path, edit=None) -> None:
 
 def _dedupe(df: pd.DataFrame) -> pd.DataFrame:
     return df.sort_values("finished_at", kind="stable").drop_duplicates("trial_id", keep="last").reset_index(drop=True)
+
+
+# What a file must hold to be trial rows: a run skips by trial_id, keeps the latest by finished_at.
+IMPORT_COLUMNS = ("trial_id", "status", "finished_at", "model_key", "attack", "defense", "seed")
+
+
+def _read_rows(source: Path) -> pa.Table:
+    """Trial rows from a Parquet file, a ``trials`` folder of parts, or a results directory."""
+    if source.is_file():
+        return pq.read_table(source)
+    base = source.parent if source.name == "trials" else source
+    table = _read_all(base)
+    if table is None:
+        raise ValueError(f"{source}: no part-*.parquet under {base / 'trials'}")
+    return table
+
+
+def import_rows(results_dir: str | Path, sources: list[str | Path]) -> tuple[int, int]:
+    """Add trial rows from elsewhere (a piece's committed Parquet, another machine's results) to
+    ``results_dir``, so that a run there skips the trials they hold: on a new machine the committed rows of
+    a day-long spec say what is done. Every source is read and checked before anything is written; each is
+    then one part file (written whole, then renamed), compacted with the rest: a row already here is
+    replaced only by a later one (``finished_at``), so importing twice changes nothing.
+    Returns (rows read, trial ids new to ``results_dir``)."""
+    results_dir = Path(results_dir)
+    tables = []
+    for src in map(Path, sources):
+        try:
+            table = _read_rows(src)
+        except (OSError, pa.ArrowException) as e:
+            raise ValueError(f"{src}: not readable as Parquet trial rows ({e})") from e
+        missing = [c for c in IMPORT_COLUMNS if c not in table.column_names]
+        if missing:
+            raise ValueError(f"{src}: not trial rows, no column {', '.join(missing)}")
+        tables.append(table)
+    before = finished_trials(results_dir) if _parts(results_dir) else set()
+    out = results_dir / "trials"
+    out.mkdir(parents=True, exist_ok=True)
+    ids: set[str] = set()
+    for table in tables:
+        path = out / f"part-{uuid.uuid4().hex[:8]}-import.parquet"
+        tmp = path.with_name("." + path.name + ".tmp")
+        pq.write_table(table, tmp)
+        tmp.rename(path)
+        ids |= set(table["trial_id"].to_pylist())
+    compact(results_dir)
+    return sum(len(t) for t in tables), len(ids - before)
 
 
 def finished_trials(results_dir: str | Path, include_failed: bool = True) -> set[str]:

@@ -95,3 +95,89 @@ def test_types_merge_across_runs(tmp_path):
     assert set(df["defense.clean_size"].dropna()) == {"100", "one_shot"}
     w.close()
     assert len(pd.read_parquet(tmp_path / "trials")) == len(first) + len(second)
+
+
+def _written(tmp_path, trials, status="ok", name="a"):
+    """Rows of ``trials`` compacted into their own results directory, as a committed piece would be."""
+    w = ResultsWriter(tmp_path / name, schema_for(trials))
+    for r in rows(trials, status):
+        w.add(r)
+    w.close()
+    return tmp_path / name
+
+
+def test_import_adds_rows_once_and_keeps_the_latest(tmp_path):
+    from sweep.results import import_rows
+
+    trials = expand(parse_spec(SPEC))
+    half = len(trials) // 2
+    src = _written(tmp_path, trials[:half])  # a committed piece: half the spec
+    committed = tmp_path / "committed.parquet"
+    pd.read_parquet(src / "trials").to_parquet(committed)
+    here = tmp_path / "here"  # a new machine's results: the other half, one row finished later than its import
+    w = ResultsWriter(here, schema_for(trials))
+    for i, r in enumerate(rows(trials)):
+        if i >= half - 1:
+            r["finished_at"], r["clean_acc"] = "2027-01-01T00:00:00", 0.75
+            w.add(r)
+    w.close()
+    assert import_rows(here, [committed]) == (half, half - 1)
+    df = load(here)
+    assert len(df) == len(trials) and df.trial_id.is_unique
+    assert finished_trials(here) == {t.trial_id for t in trials}
+    assert df.set_index("trial_id").loc[trials[half - 1].trial_id, "clean_acc"] == 0.75  # ours is later
+    # pandas wrote the committed file: large_string text and float64 for an int column with nulls; neither
+    # may come back as JSON-quoted text ('"r"') or as 100.0 beside the engine's 100
+    assert not df.trial_id.str.startswith('"').any() and set(df.sweep) == {"r"}
+    assert set(df["defense.clean_size"].dropna()) == {"100", "one_shot"}
+    assert import_rows(here, [src / "trials", src]) == (2 * half, 0)  # again, as a folder: nothing changes
+    again = load(here)
+    pd.testing.assert_frame_equal(again.sort_values("trial_id").reset_index(drop=True),
+                                  df.sort_values("trial_id").reset_index(drop=True))
+    assert len(list((here / "trials").glob("*.parquet"))) == 1
+
+
+def test_import_refuses_what_is_not_trial_rows_and_writes_nothing(tmp_path):
+    import pytest
+    from click.testing import CliRunner
+
+    from sweep.cli import main
+
+    good = _written(tmp_path, expand(parse_spec(SPEC))[:2])
+    bad = tmp_path / "bad.parquet"
+    pd.DataFrame({"trial_id": ["x"], "clean_acc": [0.5]}).to_parquet(bad)
+    junk = tmp_path / "junk.parquet"
+    junk.write_text("not parquet")
+    for src in (bad, junk):
+        r = CliRunner().invoke(main, ["import", str(good / "trials"), str(src), "--results", str(tmp_path / "new")])
+        assert r.exit_code == 2 and str(src) in r.output and "nothing imported" in r.output, r.output
+        assert not (tmp_path / "new").exists()
+    assert "status" in CliRunner().invoke(main, ["import", str(bad), "--results", str(tmp_path / "n")]).output
+    with pytest.raises(ValueError, match="no part"):
+        from sweep.results import import_rows
+        import_rows(tmp_path / "n", [tmp_path])  # a folder with no rows
+    r = CliRunner().invoke(main, ["import", str(good / "trials"), "--results", str(tmp_path / "new")])
+    assert r.exit_code == 0 and "2 rows read, 2 trials new" in r.output, r.output
+
+
+def test_a_run_on_a_new_machine_skips_the_imported_trials(tmp_path):
+    """The piece's rows committed on one machine, imported into an empty results directory on another: the
+    same `sweep run` there runs only what they do not hold."""
+    from click.testing import CliRunner
+
+    from sweep.cli import main
+    from sweep.runner import run_sweep
+    from sweep.spec import narrow
+    from sweep.testing import trivial_body
+
+    spec = parse_spec({"name": "newmachine", "dataset": {"name": "synthetic", "train_size": 100, "test_size": 100},
+                       "model": "small_cnn", "seeds": [0, 1], "attacks": [{"name": "none"}],
+                       "defenses": [{"name": "none"}, {"name": "finetune"}]})
+    run_sweep(narrow(spec, seeds=[0]), tmp_path / "old", progress=False, body=trivial_body)
+    pd.read_parquet(tmp_path / "old" / "trials").to_parquet(tmp_path / "trials.parquet")
+    r = CliRunner().invoke(main, ["import", str(tmp_path / "trials.parquet"), "--results", str(tmp_path / "new")])
+    assert r.exit_code == 0, r.output
+    s = run_sweep(spec, tmp_path / "new", progress=False, body=trivial_body)
+    assert (s.trials, s.skipped, s.ran) == (4, 2, 2)
+    df = load(tmp_path / "new")
+    assert len(df) == 4 and df.trial_id.is_unique and sorted(df.seed) == [0, 0, 1, 1]
