@@ -103,7 +103,8 @@ def _run(spec, results_dir, address, mlflow_uri, storage, retry_failed, max_conc
         for field, msg in e.problems:
             click.echo(f"{field}: {msg}", err=True)
         sys.exit(2)
-    left = f", {s.left} left for the next run (time limit)" if s.left else ""
+    why = [w for n, w in ((s.left - s.stopped, "time limit"), (s.stopped, "stopped")) if n]
+    left = f", {s.left} left for the next run ({' and '.join(why)})" if s.left else ""
     click.echo(f"sweep {spec.name}: {s.trials} trials, {s.skipped} already done, {s.ran} ran "
                f"({s.failed} failed){left} in {s.seconds:.0f}s -> {results_dir}")
     df = load(results_dir)

@@ -51,7 +51,8 @@ class Summary:
     ran: int
     failed: int
     seconds: float
-    left: int = 0  # not started: the time limit would have been passed (a later run takes them)
+    left: int = 0  # no row from this run, a later run takes them: the time limit, or the run was stopped
+    stopped: int = 0  # of ``left``: taken by this run but with no row when it was stopped (Ctrl-C)
 
 
 def _trainable(config, *, ctx: dict):
@@ -165,9 +166,11 @@ def run_sweep(spec: SweepSpec, results_dir: str | Path, *, address: str | None =
         tracker.close(status)
     if groups:
         search_mod.write_ranks(results_dir)
-    left = gate.left if gate is not None else 0
-    ran = n_todo + ran_search - (gate.grid_left if gate is not None else 0)
-    return Summary(n_spec, n_spec - ran - left, ran, sink.failed, time.monotonic() - t_start, left)
+    limited = gate.left if gate is not None else 0
+    taken = n_todo + ran_search - (gate.grid_left if gate is not None else 0)  # what this run meant to run
+    ran = min(taken, sink.finished)  # what left a row: a run stopped part-way (Ctrl-C) leaves the rest
+    return Summary(n_spec, n_spec - taken - limited, ran, sink.failed, time.monotonic() - t_start,
+                   limited + taken - ran, taken - ran)
 
 
 def _with_search_columns(schema):

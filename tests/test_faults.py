@@ -126,3 +126,47 @@ def test_driver_sigkill_then_resume_gives_one_row_and_one_run_per_trial(tmp_path
     runs = c.search_runs([exp.experiment_id], "tags.`bdsweep.role` = 'trial'", max_results=1000)
     assert len(runs) == 18 and {x.data.tags["trial_id"] for x in runs} == set(df.trial_id)
     assert all(x.info.status == "FINISHED" for x in runs)
+
+
+
+STOPPED = {"name": "stopped", "dataset": {"name": "synthetic", "train_size": 100, "test_size": 100},
+           "model": "small_cnn", "seeds": [0, 1, 2, 3, 4, 5], "attacks": [{"name": "none"}],
+           "defenses": [{"name": "none"}], "max_concurrent": 1}
+DRIVER = """
+import json, sys
+from sweep.runner import run_sweep
+from sweep.spec import parse_spec
+from sweep.testing import sleepy_body
+s = run_sweep(parse_spec(json.loads(sys.argv[2])), sys.argv[1], progress=False, body=sleepy_body)
+print("SUMMARY", s.trials, s.skipped, s.ran, s.left, s.stopped, flush=True)
+"""
+
+
+def test_a_run_stopped_with_ctrl_c_counts_only_its_rows_and_the_next_run_takes_the_rest(tmp_path):
+    """Ctrl-C (SIGINT) part-way: Tune stops the trial in flight, which leaves no row; the summary counts as
+    run only the trials with a row and says how many are left (it used to count every trial taken as run),
+    and the same run again takes exactly those."""
+    import json
+
+    from sweep.testing import sleepy_body
+
+    results = tmp_path / "res"
+    env = {**os.environ, "BDSWEEP_FLUSH_SECONDS": "0"}
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(results), json.dumps(STOPPED)], env=env,
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((results / "trials").glob("part-*.parquet")):
+        assert driver.poll() is None, driver.stdout.read()[-3000:]
+        time.sleep(0.1)
+    driver.send_signal(signal.SIGINT)
+    out, _ = driver.communicate(timeout=120)
+    summary = [line.split()[1:] for line in out.splitlines() if line.startswith("SUMMARY")]
+    assert summary, out[-3000:]
+    trials, skipped, ran, left, stopped = map(int, summary[0])
+    rows = len(_rows(results))
+    assert trials == 6 and skipped == 0 and 1 <= ran == rows < 6, (summary, rows)
+    assert left == stopped == 6 - rows
+    again = run_sweep(parse_spec(STOPPED), results, progress=False, body=sleepy_body)
+    assert (again.skipped, again.ran, again.left) == (rows, 6 - rows, 0)
+    df = _rows(results)
+    assert len(df) == 6 and df.trial_id.is_unique
