@@ -318,13 +318,17 @@ def trigger_images(df: pd.DataFrame, uri: str, limit: int = 24) -> list[tuple[st
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         for (a, d), g in ok.groupby(["_a", "_d"], sort=False):
-            run = next((runs[t] for t in g.trial_id if t in runs), None)
-            if run is None:
+            # the first of the variant's trials whose run holds an image: rows imported from another
+            # machine (sweep import) have runs here without their artifacts
+            for run in (runs[t] for t in g.trial_id if t in runs):
+                pngs = [art.path for art in client.list_artifacts(run) if art.path.endswith(".png")]
+                if pngs:
+                    break
+            else:
                 continue
-            for art in client.list_artifacts(run):
-                if art.path.endswith(".png"):
-                    local = client.download_artifacts(run, art.path, tmp)
-                    out.append((f"{a} / {d}\n{art.path[:-4]}", np.asarray(Image.open(local).convert("RGB"))))
+            for path in pngs:
+                local = client.download_artifacts(run, path, tmp)
+                out.append((f"{a} / {d}\n{path[:-4]}", np.asarray(Image.open(local).convert("RGB"))))
             if len(out) >= limit:
                 break
     return out[:limit]

@@ -389,3 +389,26 @@ def test_table_columns_follow_the_defenses_not_the_attacks():
         "awm(clean_size=5000)", "ibau"]  # one clean size within ibau: not named
     assert [m for d, m in t.columns][:4] == ["CA", "ASR", "CA", "ASR"]
     assert list(t.index) == ["badnets", "trojan_wm", "Average"]
+
+
+def test_trigger_images_take_the_run_that_holds_one(tmp_path):
+    """A variant's first trial may have a run without artifacts (its row imported from another machine,
+    logged here at the next run's start); the figure takes the variant's image from a trial that has one."""
+    import mlflow
+    import numpy as np
+    import pandas as pd
+
+    from sweep.report import trigger_images
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.tracking.MlflowClient(uri)
+    exp = client.create_experiment("imp", artifact_location=str(tmp_path / "art"))
+    for tid, image in (("t0", False), ("t1", True)):
+        run = client.create_run(exp, tags={"bdsweep.role": "trial", "trial_id": tid})
+        if image:
+            client.log_image(run.info.run_id, np.full((4, 4, 3), 200, np.uint8), "trigger.png")
+        client.set_terminated(run.info.run_id)
+    df = pd.DataFrame({"sweep": "imp", "trial_id": ["t0", "t1"], "status": "ok", "attack": "badnets",
+                       "defense": "awm", "seed": [0, 1]})
+    images = trigger_images(df, uri)
+    assert len(images) == 1 and images[0][0].endswith("trigger") and images[0][1][0, 0, 0] == 200
