@@ -122,16 +122,21 @@ class ResultsWriter:
     def flush(self) -> list[dict]:
         rows, self.rows, self.last_flush = self.rows, [], time.monotonic()
         if rows:
-            path = self.dir / f"part-{self.run_id}-{self.parts:05d}.parquet"
-            tmp = path.with_name("." + path.name + ".tmp")
-            pq.write_table(pa.Table.from_pylist(rows, schema=self.schema), tmp)
-            tmp.rename(path)
+            _write_part(pa.Table.from_pylist(rows, schema=self.schema),
+                        self.dir / f"part-{self.run_id}-{self.parts:05d}.parquet")
             self.parts += 1
         return rows
 
     def close(self) -> None:
         self.flush()
         compact(self.dir.parent)
+
+
+def _write_part(table: pa.Table, path: Path) -> None:
+    """Write a part file whole under a hidden name, then rename it: a crash never leaves half a part."""
+    tmp = path.with_name("." + path.name + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.rename(path)
 
 
 def _parts(results_dir: Path) -> list[Path]:
@@ -178,10 +183,8 @@ def compact(results_dir: str | Path, edit=None) -> None:
     df = _dedupe(table.to_pandas())
     if edit is not None:
         df = edit(df)
-    out = results_dir / "trials" / f"part-{uuid.uuid4().hex[:8]}-compact.parquet"
-    tmp = out.with_name("." + out.name + ".tmp")
-    pq.write_table(pa.Table.from_pandas(df, schema=table.schema, preserve_index=False), tmp)
-    tmp.rename(out)
+    _write_part(pa.Table.from_pandas(df, schema=table.schema, preserve_index=False),
+                results_dir / "trials" / f"part-{uuid.uuid4().hex[:8]}-compact.parquet")
     for p in parts:
         p.unlink()
 
@@ -223,15 +226,12 @@ def import_rows(results_dir: str | Path, sources: list[str | Path]) -> tuple[int
         if missing:
             raise ValueError(f"{src}: not trial rows, no column {', '.join(missing)}")
         tables.append(table)
-    before = finished_trials(results_dir) if _parts(results_dir) else set()
+    before = finished_trials(results_dir)
     out = results_dir / "trials"
     out.mkdir(parents=True, exist_ok=True)
     ids: set[str] = set()
     for table in tables:
-        path = out / f"part-{uuid.uuid4().hex[:8]}-import.parquet"
-        tmp = path.with_name("." + path.name + ".tmp")
-        pq.write_table(table, tmp)
-        tmp.rename(path)
+        _write_part(table, out / f"part-{uuid.uuid4().hex[:8]}-import.parquet")
         ids |= set(table["trial_id"].to_pylist())
     compact(results_dir)
     return sum(len(t) for t in tables), len(ids - before)

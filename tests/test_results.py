@@ -97,13 +97,13 @@ def test_types_merge_across_runs(tmp_path):
     assert len(pd.read_parquet(tmp_path / "trials")) == len(first) + len(second)
 
 
-def _written(tmp_path, trials, status="ok", name="a"):
+def _written(tmp_path, trials):
     """Rows of ``trials`` compacted into their own results directory, as a committed piece would be."""
-    w = ResultsWriter(tmp_path / name, schema_for(trials))
-    for r in rows(trials, status):
+    w = ResultsWriter(tmp_path / "a", schema_for(trials))
+    for r in rows(trials):
         w.add(r)
     w.close()
-    return tmp_path / name
+    return tmp_path / "a"
 
 
 def test_import_adds_rows_once_and_keeps_the_latest(tmp_path):
