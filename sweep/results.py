@@ -106,6 +106,13 @@ class ResultsWriter:
     def __init__(self, results_dir: str | Path, schema: pa.Schema, *, flush_rows: int = 256, flush_seconds: float | None = None):
         self.dir = Path(results_dir) / "trials"
         self.dir.mkdir(parents=True, exist_ok=True)
+        # One schema for every part on disk while this run writes: pyarrow (pandas.read_parquet of the
+        # folder) takes a folder's schema from one part, so a part whose column has another type (a null
+        # column of imported rows) fails the read and a part's extra columns (new parameters) are dropped.
+        existing = [pq.read_schema(p) for p in _parts(self.dir.parent)]
+        schema = _unified([schema, *existing])
+        if any(not s.equals(schema) for s in existing):
+            compact(self.dir.parent, schema=schema)
         if flush_seconds is None:  # rows reach disk at least this often (a killed driver loses no more)
             flush_seconds = float(os.environ.get("BDSWEEP_FLUSH_SECONDS", 2))
         self.schema, self.flush_rows, self.flush_seconds = schema, flush_rows, flush_seconds
@@ -170,16 +177,19 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=schema)
 
 
-def compact(results_dir: str | Path, edit=None) -> None:
+def compact(results_dir: str | Path, edit=None, schema: pa.Schema | None = None) -> None:
     """Merge all part files into one, one row per trial (the latest), atomically replacing the parts.
-    ``edit(df)`` may change the rows' values first (a search's ranks), in the same rewrite."""
+    ``edit(df)`` may change the rows' values first (a search's ranks), in the same rewrite; ``schema`` (a
+    superset of the parts' columns, as ``_unified`` gives) is the merged part's, even for a single part."""
     results_dir = Path(results_dir)
     parts = _parts(results_dir)
-    if len(parts) <= 1 and edit is None:
+    if len(parts) <= 1 and edit is None and schema is None:
         return
     table = _read_all(results_dir)
     if table is None:
         return
+    if schema is not None:
+        table = _conform(table, schema)
     df = _dedupe(table.to_pandas())
     if edit is not None:
         df = edit(df)

@@ -181,3 +181,35 @@ def test_a_run_on_a_new_machine_skips_the_imported_trials(tmp_path):
     assert (s.trials, s.skipped, s.ran) == (4, 2, 2)
     df = load(tmp_path / "new")
     assert len(df) == 4 and df.trial_id.is_unique and sorted(df.seed) == [0, 0, 1, 1]
+
+
+def test_pandas_reads_the_trials_folder_while_a_run_writes_to_it(tmp_path):
+    """Every part on disk has one schema from the moment a run starts, so ``pd.read_parquet(DIR/trials)``
+    (what docs/results.md offers) works mid-run: pyarrow takes a folder's schema from one part and fails
+    on a part whose column has another type (a null column of imported rows, bool now) or drops the
+    columns that part lacks (the new run's parameters)."""
+    first = expand(parse_spec(SPEC))
+    w = ResultsWriter(tmp_path, schema_for(first))
+    for r in rows(first):
+        w.add(r)
+    w.close()
+    # rows that went through pandas (a committed trials.parquet, imported): an all-null column is type null
+    (part,) = (tmp_path / "trials").glob("part-*.parquet")
+    # (named to sort first: pyarrow takes the folder's schema from the first part)
+    pd.read_parquet(part).assign(**{"defense.augment": None}).to_parquet(part.with_name("part-0-compact.parquet"))
+    part.unlink()
+    assert str(pq.read_schema(tmp_path / "trials" / "part-0-compact.parquet").field("defense.augment").type) == "null"
+    spec2 = {**SPEC, "seeds": [7], "defenses": [{"name": "ibau", "augment": True, "clean_size": 100}],
+             "attacks": [{"name": "badnets"}]}
+    second = expand(parse_spec(spec2))
+    w = ResultsWriter(tmp_path, schema_for(second, tmp_path), flush_rows=1)
+    for r in rows(second):
+        w.add(r)  # flushed: two parts on disk, the run not closed
+    assert len(list((tmp_path / "trials").glob("part-*.parquet"))) == 2
+    df = pd.read_parquet(tmp_path / "trials")
+    assert len(df) == len(first) + len(second)
+    new = df[df.defense == "ibau"]
+    assert new["defense.augment"].tolist() == [True] * len(second)
+    assert new["defense.rounds"].notna().all()  # a column only the second run's parts have
+    assert len(load(tmp_path)) == len(first) + len(second)
+    w.close()
