@@ -109,9 +109,10 @@ class ResultsWriter:
         # One schema for every part on disk while this run writes: pyarrow (pandas.read_parquet of the
         # folder) takes a folder's schema from one part, so a part whose column has another type (a null
         # column of imported rows) fails the read and a part's extra columns (new parameters) are dropped.
+        # (Column order alone does not matter: pyarrow matches columns by name.)
         existing = [pq.read_schema(p) for p in _parts(self.dir.parent)]
         schema = _unified([schema, *existing])
-        if any(not s.equals(schema) for s in existing):
+        if any(_types(s) != _types(schema) for s in existing):
             compact(self.dir.parent, schema=schema)
         if flush_seconds is None:  # rows reach disk at least this often (a killed driver loses no more)
             flush_seconds = float(os.environ.get("BDSWEEP_FLUSH_SECONDS", 2))
@@ -150,12 +151,17 @@ def _parts(results_dir: Path) -> list[Path]:
     return sorted((Path(results_dir) / "trials").glob("part-*.parquet"))
 
 
-def _read_all(results_dir: Path) -> pa.Table | None:
-    """Every part as one table; parts written by different runs may differ in columns and types."""
+def _types(schema: pa.Schema) -> dict[str, pa.DataType]:
+    return {f.name: f.type for f in schema}
+
+
+def _read_all(results_dir: Path, schema: pa.Schema | None = None) -> pa.Table | None:
+    """Every part as one table; parts written by different runs may differ in columns and types. ``schema``
+    (a superset of the parts' columns, as ``_unified`` gives): the table's, instead of the parts' merge."""
     tables = [pq.read_table(p) for p in _parts(results_dir)]
     if not tables:
         return None
-    schema = _unified([t.schema for t in tables])
+    schema = _unified([t.schema for t in tables]) if schema is None else schema
     return pa.concat_tables([_conform(t, schema) for t in tables])
 
 
@@ -185,11 +191,9 @@ def compact(results_dir: str | Path, edit=None, schema: pa.Schema | None = None)
     parts = _parts(results_dir)
     if len(parts) <= 1 and edit is None and schema is None:
         return
-    table = _read_all(results_dir)
+    table = _read_all(results_dir, schema)
     if table is None:
         return
-    if schema is not None:
-        table = _conform(table, schema)
     df = _dedupe(table.to_pandas())
     if edit is not None:
         df = edit(df)
