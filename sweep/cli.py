@@ -118,14 +118,20 @@ def _run(spec, results_dir, address, mlflow_uri, storage, retry_failed, max_conc
 @click.option("--results", "results_dir", default=None, type=click.Path(file_okay=False),
               help="also say what of SPEC this results directory holds and what is left to run")
 @click.option("--storage", default=None, help="the model store to look in (default: RESULTS/store)")
-def validate(spec_path, results_dir, storage):
+@click.option("--by-model", is_flag=True,
+              help="with --results: what is left of each backdoored model, its expected time, and the "
+                   "--seed/--attack flags that run it as a piece")
+def validate(spec_path, results_dir, storage, by_model):
     """Check SPEC and print how many trials and backdoored models it asks for (with --results: how many
     are done, and what a `sweep run` would still run and build)."""
     spec, trials = _load_or_exit(spec_path)
     keys = {t.model_key for t in trials}
     _describe(spec, trials, keys)
+    if by_model and results_dir is None:
+        click.echo("--by-model: give --results, the directory whose rows say what is left", err=True)
+        sys.exit(2)
     if results_dir is not None:
-        _left(trials, results_dir, storage, spec.max_concurrent)
+        _left(trials, results_dir, storage, spec.max_concurrent, spec if by_model else None)
 
 
 def _describe(spec, trials, keys) -> None:
@@ -145,9 +151,10 @@ def _describe(spec, trials, keys) -> None:
     click.echo(f"{spec.name}: {len(trials)} trials, {len(keys)} backdoored models{where}")
 
 
-def _left(trials, results_dir, storage, slots=None) -> None:
+def _left(trials, results_dir, storage, slots=None, by_model=None) -> None:
     """What of ``trials`` RESULTS holds, and what a run would still do, per defense (grid trials), with the
-    time it should take by the rows RESULTS holds (the progress line's estimate: sweep.runner.EtaEstimator)."""
+    time it should take by the rows RESULTS holds (the progress line's estimate: sweep.runner.EtaEstimator);
+    given ``by_model`` (the spec), the same per backdoored model."""
     from collections import Counter
 
     from sweep.results import load
@@ -172,13 +179,56 @@ def _left(trials, results_dir, storage, slots=None) -> None:
                + f"; models they need: {len(have)} in the store, {len(need - have)} to build")
     if not todo:
         return
-    eta = EtaEstimator.for_trials(todo, trials, [] if rows is None else rows.to_dict("records"), have_models=have,
-                                  training_time=training_time, slots=slots)
-    eta.peak = slots or 1
-    secs = eta.eta(0.0)
+    records = [] if rows is None else rows.to_dict("records")
+
+    def expected(part):
+        eta = EtaEstimator.for_trials(part, trials, records, have_models=have, training_time=training_time,
+                                      slots=slots)
+        eta.peak = slots or 1
+        return eta.eta(0.0)
+
+    secs = expected(todo)
     at = f"{slots} at a time" if slots and slots > 1 else "one at a time"
     click.echo(f"  expected time, {at}, by the rows here: "
                + ("unknown (no finished trial to go by)" if secs is None else format_seconds(secs)))
+    if by_model is not None:
+        _left_by_model(by_model, todo, have, expected)
+
+
+def _left_by_model(spec, todo, have, expected) -> None:
+    """One line per backdoored model with trials left: the flags that run it as a piece of the sweep
+    (``--seed S --attack NAME#K``), whether its model is in the store, what is left and how long it should
+    take. Models in the store first (a piece that finishes them needs no build, and a new machine's empty
+    store would cost their builds again), then the shortest."""
+    from collections import Counter
+
+    from sweep.runner import format_seconds
+    from sweep.spec import expand, narrow
+
+    names = [e.get("name") for e in spec.attacks]
+    label = {}  # model_key -> (seed, the --attack value that picks its spec entry, and which of its grid)
+    for i, name in enumerate(names):
+        flag = name if names.count(name) == 1 else f"{name}#{names[:i + 1].count(name)}"
+        entry = expand(narrow(spec, attacks=[flag]))
+        # an entry with a grid (poison_rate: [0.05, 0.1]) is one piece of several models: name each one's values
+        grid = [k for k in entry[0].attack.params if len({repr(t.attack.params.get(k)) for t in entry}) > 1]
+        for t in entry:
+            which = ", ".join(f"{k} {t.attack.params[k]}" for k in grid)
+            label.setdefault(t.model_key, (t.seed, flag + (f" ({which})" if which else "")))
+    groups: dict[str, list] = {}
+    for t in todo:
+        groups.setdefault(t.model_key, []).append(t)
+    lines = []
+    for key, part in groups.items():
+        seed, flag = label[key]
+        secs = expected(part)
+        per = ", ".join(f"{d} {n}" for d, n in Counter(t.defense.name for t in part).most_common())
+        lines.append((key not in have, float("inf") if secs is None else secs,
+                      f"    --seed {seed} --attack {flag}:{' in the store;' if key in have else ''} "
+                      f"{len(part)} to run ({per}), {'unknown' if secs is None else format_seconds(secs)}"))
+    click.echo("  left by backdoored model (the flags that run it as a piece; models in the store first):")
+    for *_, line in sorted(lines):
+        click.echo(line)
 
 
 @main.command()

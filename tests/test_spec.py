@@ -274,3 +274,37 @@ def test_cli_validate_with_results_says_how_long_the_rest_should_take(tmp_path):
     assert "expected time, one at a time, by the rows here: 10m00s" in r.output, r.output
     r = CliRunner().invoke(main, ["validate", str(p), "--results", str(tmp_path / "empty")])
     assert "expected time, one at a time, by the rows here: unknown (no finished trial to go by)" in r.output
+
+
+def test_cli_validate_by_model_gives_each_models_piece_and_time(tmp_path):
+    """--by-model: a line per backdoored model with trials left, the flags that run it as a piece, whether
+    its model is in the store and how long it should take (a build only where it is not): seed 0 done
+    (builds 100 s, finetune 30 s at 100 images, 70 s at 500); seed 1's Blended model in the store (30 + 70 s,
+    first), its two BadNets models of the poison-rate grid to build (100 + 30 + 70 s each)."""
+    from sweep.results import ResultsWriter, schema_for
+    from sweep.store import Store
+    from sweep.trial import base_row
+
+    trials = expand(parse_spec(spec()))
+    res = tmp_path / "res"
+    w = ResultsWriter(res, schema_for(trials, res))
+    for t in trials:
+        if t.seed == 0:
+            secs = {"none": 0.0, "finetune": 30.0 if t.defense.params.get("clean_size") == 100 else 70.0}[t.defense.name]
+            w.add({**base_row(t), "status": "ok", "defense_seconds": secs, "attack_seconds": 100.0,
+                   "attack_cached": t.defense.name != "none"})
+    w.close()
+    blend1 = next(t.model_key for t in trials if t.seed == 1 and t.attack.name == "blend")
+    Store(res / "store").save("models", blend1, {}, {"metrics": {}})
+    p = tmp_path / "spec.yaml"
+    p.write_text(yaml.safe_dump(spec()))
+    r = CliRunner().invoke(main, ["validate", str(p), "--results", str(res), "--by-model"])
+    assert r.exit_code == 0, r.output
+    lines = r.output.split("left by backdoored model")[1].splitlines()[1:]
+    assert lines == [
+        "    --seed 1 --attack blend: in the store; 3 to run (finetune 2, none 1), 100s",
+        "    --seed 1 --attack badnets (poison_rate 0.05): 3 to run (finetune 2, none 1), 3m20s",
+        "    --seed 1 --attack badnets (poison_rate 0.1): 3 to run (finetune 2, none 1), 3m20s",
+    ], r.output
+    r = CliRunner().invoke(main, ["validate", str(p), "--by-model"])
+    assert r.exit_code == 2 and "--results" in r.output
