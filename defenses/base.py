@@ -25,6 +25,10 @@ CleanSize = Union[Literal["one_shot"], PositiveInt, float]
 
 
 class DefenseParams(BaseModel):
+    """A defense's parameters. A parameter added after trials of the defense were recorded declares the
+    value they ran with, ``Field(..., json_schema_extra={"legacy": value})``, so that their rows still count
+    for the trials at that value (``sweep.spec.legacy_ids``) instead of being run again."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 

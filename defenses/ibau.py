@@ -92,7 +92,8 @@ class IBAUParams(CleanSetParams):
     min_samples: int = Field(0, ge=0, description="each round's inner and outer passes cycle the clean set "
                              "until they have seen this many images (0: one pass, the code)")
     projected_map: bool = Field(False, description="project the fixed-point map onto the L2 ball, so the "
-                                "hypergradient is that of the bounded inner problem (the code's map omits it)")
+                                "hypergradient is that of the bounded inner problem (the code's map omits it)",
+                                json_schema_extra={"legacy": False})  # added after trials were recorded
     clean_target: Literal["label", "teacher"] = Field(
         "label", description="'label': outer CE against the clean labels (the paper); 'teacher': against the "
         "backdoored model's own softmax on the clean image (distillation)")

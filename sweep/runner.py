@@ -114,7 +114,7 @@ def run_sweep(spec: SweepSpec, results_dir: str | Path, *, address: str | None =
     results_dir = Path(results_dir).resolve()
     store_root = storage or str(results_dir / "store")
     done = finished_trials(results_dir, include_failed=not retry_failed)
-    todo = [t for t in trials if t.trial_id not in done]
+    todo = [t for t in trials if t.trial_id not in done and done.isdisjoint(t.aliases)]
     budgets = {}
     if groups:
         rows = search_mod.results_frame(results_dir)
@@ -849,6 +849,7 @@ class EtaEstimator:
         queue entries: a search's, by defense name) from the ``rows`` its results directory holds; ``trials``
         name the variant of rows written before ``defense_key`` existed."""
         keys = {t.trial_id: cost_key(t.defense.as_dict()) for t in trials}  # each trial's hash, once
+        keys.update({a: keys[t.trial_id] for t in trials for a in t.aliases})  # its rows from older versions
         works = {}
         for t in trials:
             if keys[t.trial_id] not in works:

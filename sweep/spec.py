@@ -312,6 +312,9 @@ class Trial:
     defense: Variant
     normalize: Optional[dict] = None  # {'mean': [...], 'std': [...]}; None: the dataset's statistics
     checkpoint: Optional[dict] = None  # {'path', 'sha256', 'poisoned_data'}: a model read, not trained
+    # the ids the same trial had before some of its defense's parameters existed (legacy_ids): a row under
+    # one of them is this trial's, so a re-run skips it
+    aliases: tuple = ()
 
     def as_dict(self) -> dict:
         d = {"sweep": self.sweep, "trial_id": self.trial_id, "model_key": self.model_key,
@@ -322,6 +325,27 @@ class Trial:
     @classmethod
     def from_dict(cls, d: dict) -> "Trial":
         return cls(**{**d, "attack": Variant(**d["attack"]), "defense": Variant(**d["defense"])})
+
+
+def legacy_ids(model_key: str, dv: Variant) -> tuple[str, ...]:
+    """The ids a trial of ``dv`` on ``model_key`` had before some of its defense's parameters existed.
+
+    A parameter added to a defense after trials were recorded declares the value those trials ran with
+    (``json_schema_extra={'legacy': value}``, the value that does what the code did before it). A trial at
+    that value is the trial an older row recorded under an id hashed without it, so a re-run after an
+    upgrade skips it instead of running it again and writing a second row. Every subset of such
+    parameters is dropped in turn (rows from between two additions lack only the later one)."""
+    if dv.name not in DEFENSES:
+        return ()
+    fields = DEFENSES.get(dv.name).Params.model_fields
+    at = [k for k, f in fields.items() if isinstance(f.json_schema_extra, dict) and "legacy" in f.json_schema_extra
+          and k in dv.params and dv.params[k] == f.json_schema_extra["legacy"]]
+    out = []
+    for r in range(1, len(at) + 1):
+        for drop in itertools.combinations(at, r):
+            params = {k: v for k, v in dv.params.items() if k not in drop}
+            out.append(content_hash({"model_key": model_key, "defense": Variant(dv.name, params).as_dict()}))
+    return tuple(out)
 
 
 def content_hash(obj: Any) -> str:
@@ -481,7 +505,8 @@ def expand(spec: SweepSpec) -> list[Trial]:
                 for dv in itertools.chain.from_iterable(defenses):
                     tid = content_hash({"model_key": model_key, "defense": dv.as_dict()})
                     groups.setdefault(model_key, []).append(
-                        Trial(spec.name, tid, model_key, dataset, spec.model, train, seed, av, dv, normalize, ckpt))
+                        Trial(spec.name, tid, model_key, dataset, spec.model, train, seed, av, dv, normalize, ckpt,
+                              legacy_ids(model_key, dv)))
     ordered = [t for wave in itertools.zip_longest(*groups.values()) for t in wave if t is not None]
     return list({t.trial_id: t for t in ordered}.values())
 

@@ -1,6 +1,7 @@
 """Parquet results: typed columns, batched parts, compaction to one row per trial."""
 import pandas as pd
 import pyarrow.parquet as pq
+import yaml
 
 from sweep.results import ResultsWriter, compact, finished_trials, load, schema_for
 from sweep.spec import expand, parse_spec
@@ -213,3 +214,36 @@ def test_pandas_reads_the_trials_folder_while_a_run_writes_to_it(tmp_path):
     assert new["defense.rounds"].notna().all()  # a column only the second run's parts have
     assert len(load(tmp_path)) == len(first) + len(second)
     w.close()
+
+
+def test_rows_from_before_a_parameter_existed_count_for_its_trials(tmp_path):
+    """I-BAU gained ``projected_map`` after trials were recorded; rows from then have ids hashed without it.
+    Such a row is the trial at the parameter's legacy value (False): a re-run skips it and writes no second
+    row, and validate counts it done; the trial at the new value (True) is another trial and runs."""
+    from click.testing import CliRunner
+
+    from sweep.cli import main
+    from sweep.runner import run_sweep
+    from sweep.spec import content_hash
+    from sweep.testing import trivial_body
+    from sweep.trial import base_row
+
+    raw = {"name": "legacy", "dataset": {"name": "synthetic", "train_size": 200, "test_size": 100},
+           "model": "small_cnn", "seeds": [0], "attacks": [{"name": "badnets", "poison_rate": 0.1}],
+           "defenses": [{"name": "ibau", "clean_size": 100, "projected_map": [False, True]}]}
+    spec = parse_spec(raw)
+    old, new = expand(spec)
+    assert (old.defense.params["projected_map"], new.defense.params["projected_map"]) == (False, True)
+    before = {k: v for k, v in old.defense.params.items() if k != "projected_map"}  # an older version's id
+    legacy_id = content_hash({"model_key": old.model_key, "defense": {"name": "ibau", "params": before}})
+    assert legacy_id in old.aliases and legacy_id != old.trial_id and not new.aliases
+    w = ResultsWriter(tmp_path / "res", schema_for([old]))
+    w.add({**base_row(old), "trial_id": legacy_id, "status": "ok", "clean_acc": 0.7, "asr": 0.1})
+    w.close()
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(raw))
+    r = CliRunner().invoke(main, ["validate", str(tmp_path / "spec.yaml"), "--results", str(tmp_path / "res")])
+    assert "1 ok, 0 failed, 0 stopped; 1 to run" in r.output, r.output
+    s = run_sweep(spec, tmp_path / "res", progress=False, body=trivial_body)
+    assert (s.trials, s.skipped, s.ran) == (2, 1, 1)
+    df = load(tmp_path / "res")
+    assert sorted(df.trial_id) == sorted([legacy_id, new.trial_id])
