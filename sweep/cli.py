@@ -165,7 +165,7 @@ def _left(trials, results_dir, storage, slots=None, by_model=None) -> None:
     except FileNotFoundError:
         rows = None
     status = {} if rows is None else dict(zip(rows.trial_id, rows.status))
-    mine = [status.get(t.trial_id) or next((status[a] for a in t.aliases if a in status), None) for t in trials]
+    mine = [next((status[i] for i in t.ids if i in status), None) for t in trials]
     todo = [t for t, st in zip(trials, mine) if st is None]
     training_time = _training_time_defenses({t.defense.name for t in todo})
     need = {t.model_key for t in todo if t.defense.name not in training_time}

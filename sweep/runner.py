@@ -114,7 +114,7 @@ def run_sweep(spec: SweepSpec, results_dir: str | Path, *, address: str | None =
     results_dir = Path(results_dir).resolve()
     store_root = storage or str(results_dir / "store")
     done = finished_trials(results_dir, include_failed=not retry_failed)
-    todo = [t for t in trials if t.trial_id not in done and done.isdisjoint(t.aliases)]
+    todo = [t for t in trials if done.isdisjoint(t.ids)]
     budgets = {}
     if groups:
         rows = search_mod.results_frame(results_dir)

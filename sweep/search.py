@@ -39,7 +39,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-from sweep.spec import SearchSpec, SpecError, SweepSpec, Trial, Variant, content_hash, expand, file_params
+from sweep.spec import SearchSpec, SpecError, SweepSpec, Trial, Variant, expand, file_params, legacy_ids, trial_id
 
 INSTALL = "pip install -e '.[search]'"
 _PACKAGES = {"optuna": "optuna", "hyperopt": "hyperopt", "random": None}
@@ -159,8 +159,9 @@ class Group:
         for fname, path in file_params(cls, params):
             params[fname] = str(Path(path).expanduser().resolve())
         v = Variant(self.search.defense_name, params)
-        return dataclasses.replace(self.base, defense=v,
-                                   trial_id=content_hash({"model_key": self.base.model_key, "defense": v.as_dict()}))
+        # its own aliases, not the base trial's (another defense variant's)
+        return dataclasses.replace(self.base, defense=v, trial_id=trial_id(self.key, v),
+                                   aliases=legacy_ids(self.key, v))
 
 
 def groups(spec: SweepSpec) -> list[Group]:

@@ -316,6 +316,11 @@ class Trial:
     # one of them is this trial's, so a re-run skips it
     aliases: tuple = ()
 
+    @property
+    def ids(self) -> tuple[str, ...]:
+        """Every id a row of this trial can have: its own, then its aliases."""
+        return (self.trial_id, *self.aliases)
+
     def as_dict(self) -> dict:
         d = {"sweep": self.sweep, "trial_id": self.trial_id, "model_key": self.model_key,
              "dataset": self.dataset, "model": self.model, "train": self.train, "seed": self.seed,
@@ -325,6 +330,11 @@ class Trial:
     @classmethod
     def from_dict(cls, d: dict) -> "Trial":
         return cls(**{**d, "attack": Variant(**d["attack"]), "defense": Variant(**d["defense"])})
+
+
+def trial_id(model_key: str, dv: Variant) -> str:
+    """A trial's id: the content hash of its backdoored model and its resolved defense."""
+    return content_hash({"model_key": model_key, "defense": dv.as_dict()})
 
 
 def legacy_ids(model_key: str, dv: Variant) -> tuple[str, ...]:
@@ -344,7 +354,7 @@ def legacy_ids(model_key: str, dv: Variant) -> tuple[str, ...]:
     for r in range(1, len(at) + 1):
         for drop in itertools.combinations(at, r):
             params = {k: v for k, v in dv.params.items() if k not in drop}
-            out.append(content_hash({"model_key": model_key, "defense": Variant(dv.name, params).as_dict()}))
+            out.append(trial_id(model_key, Variant(dv.name, params)))
     return tuple(out)
 
 
@@ -503,9 +513,8 @@ def expand(spec: SweepSpec) -> list[Trial]:
                     what["checkpoint"] = ckpt["sha256"]
                 model_key = content_hash(what)
                 for dv in itertools.chain.from_iterable(defenses):
-                    tid = content_hash({"model_key": model_key, "defense": dv.as_dict()})
                     groups.setdefault(model_key, []).append(
-                        Trial(spec.name, tid, model_key, dataset, spec.model, train, seed, av, dv, normalize, ckpt,
+                        Trial(spec.name, trial_id(model_key, dv), model_key, dataset, spec.model, train, seed, av, dv, normalize, ckpt,
                               legacy_ids(model_key, dv)))
     ordered = [t for wave in itertools.zip_longest(*groups.values()) for t in wave if t is not None]
     return list({t.trial_id: t for t in ordered}.values())

@@ -93,6 +93,21 @@ def test_a_search_spec_survives_the_saved_spec_yaml():
     assert parse_spec(yaml.safe_load(yaml.safe_dump(s.model_dump(mode="json")))) == s
 
 
+def test_a_searched_trial_has_its_own_id_and_aliases():
+    """A searched configuration is a trial as ``expand`` would make it: its id hashes its model and its
+    defense, and its aliases are its defense's (I-BAU at projected_map False has one), not those of the
+    group's base trial."""
+    from sweep.search import groups
+    from sweep.spec import Variant, content_hash, legacy_ids
+
+    (g,) = groups(spec())
+    t = g.trial({"lr": 1e-3, "portion": 0.1})
+    assert t.trial_id == content_hash({"model_key": g.key, "defense": t.defense.as_dict()})
+    assert t.aliases == legacy_ids(g.key, t.defense) and len(t.aliases) == 1
+    before = {k: v for k, v in t.defense.params.items() if k != "projected_map"}
+    assert t.aliases[0] == content_hash({"model_key": g.key, "defense": Variant("ibau", before).as_dict()})
+
+
 def test_the_objective_penalises_a_ca_drop_past_the_limit():
     from sweep.search import objective_value
 
